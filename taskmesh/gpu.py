@@ -1,0 +1,193 @@
+"""GPU providers: where taskmesh learns which GPUs exist and how much memory is free.
+
+One small interface, two implementations, in the manner of httpx's transports:
+``NvmlProvider`` asks the driver (nvidia-ml-py), ``SimulatedProvider`` is built from
+a spec such as ``2x24GiB`` or ``1x80GiB,cc=9.0;1x24GiB,cc=8.9``. The simulated one is
+a product feature — the demo, capacity planning and every test without a GPU run on
+it — so it lives here, not under tests.
+
+GPUs are keyed by UUID everywhere: NVML ignores ``CUDA_VISIBLE_DEVICES`` and indices
+change between processes, a UUID does not. The parent worker process only ever
+talks to NVML, never to CUDA, so forking pool children stays safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import socket
+import uuid
+from typing import Protocol, runtime_checkable
+
+from .errors import ConfigError
+from .sizes import SizeError, format_mib, parse_mib
+
+log = logging.getLogger(__name__)
+SIMULATE_ENV = "TASKMESH_SIMULATE_GPUS"
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
+    """One GPU as observed now. Memory in MiB."""
+
+    index: int
+    uuid: str
+    name: str
+    memory_total_mib: int
+    memory_used_mib: int
+    compute_capability: tuple[int, int]
+    healthy: bool = True
+    simulated: bool = False
+
+    @property
+    def memory_free_mib(self) -> int:
+        return max(0, self.memory_total_mib - self.memory_used_mib)
+
+    def describe(self) -> str:
+        cc = ".".join(map(str, self.compute_capability))
+        return f"GPU {self.index} {self.name} {format_mib(self.memory_total_mib)} cc={cc} {self.uuid}"
+
+
+@runtime_checkable
+class GpuProvider(Protocol):
+    """Anything that can list this machine's GPUs with their current memory use."""
+
+    def snapshot(self) -> tuple[GpuInfo, ...]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedGpuSpec:
+    count: int
+    memory_mib: int
+    compute_capability: tuple[int, int] = (8, 9)
+    name: str = "Simulated GPU"
+
+
+_GROUP = re.compile(r"^\s*(\d+)\s*x\s*([^,]+?)\s*((?:,\s*\w+\s*=\s*[^,]+)*)\s*$")
+SPEC_HELP = "write it like '2x24GiB' or '1x80GiB,cc=9.0;1x24GiB,cc=8.9'"
+
+
+def parse_simulated_spec(spec: str, source: str = SIMULATE_ENV) -> tuple[SimulatedGpuSpec, ...]:
+    """Parse ``NxSIZE[,cc=X.Y][,name=...]`` groups separated by ``;``."""
+    groups = []
+    for part in spec.split(";"):
+        match = _GROUP.match(part)
+        if not part.strip() or match is None:
+            raise ConfigError(source, None, f"{spec!r} is not a GPU spec", SPEC_HELP)
+        count = int(match[1])
+        if count < 1:
+            raise ConfigError(source, None, f"{part.strip()!r} asks for {count} GPUs", SPEC_HELP)
+        try:
+            memory = parse_mib(match[2])
+        except SizeError as exc:
+            raise ConfigError(source, None, f"{part.strip()!r}: {exc}", SPEC_HELP) from None
+        extras = dict(
+            (k.strip().lower(), v.strip())
+            for k, v in (kv.split("=", 1) for kv in match[3].split(",") if kv.strip())
+        )
+        cc = (8, 9)
+        if "cc" in extras:
+            cc_match = re.match(r"^(\d+)\.(\d+)$", extras.pop("cc"))
+            if cc_match is None:
+                raise ConfigError(source, None, f"{part.strip()!r}: cc must look like 8.9", SPEC_HELP)
+            cc = (int(cc_match[1]), int(cc_match[2]))
+        name = extras.pop("name", "Simulated GPU")
+        if extras:
+            raise ConfigError(
+                source, None, f"{part.strip()!r}: unknown field(s) {sorted(extras)}", "only cc= and name= are known"
+            )
+        groups.append(SimulatedGpuSpec(count, memory, cc, name))
+    return tuple(groups)
+
+
+class SimulatedProvider:
+    """GPUs that exist only on paper, with stable UUIDs derived from host and position.
+
+    Deterministic UUIDs let the supervisor, each worker and the tests agree on which
+    GPU is which without sharing state.
+    """
+
+    def __init__(self, spec: str, host: str | None = None) -> None:
+        self.spec = spec
+        host = host or socket.gethostname()
+        gpus = []
+        for group in parse_simulated_spec(spec):
+            for _ in range(group.count):
+                index = len(gpus)
+                gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{host}/sim/{index}"))
+                gpus.append(
+                    GpuInfo(
+                        index=index,
+                        uuid=gpu_uuid,
+                        name=group.name,
+                        memory_total_mib=group.memory_mib,
+                        memory_used_mib=0,
+                        compute_capability=group.compute_capability,
+                        simulated=True,
+                    )
+                )
+        self._gpus = tuple(gpus)
+
+    def snapshot(self) -> tuple[GpuInfo, ...]:
+        return self._gpus
+
+
+class NvmlProvider:
+    """Real GPUs through NVML. With no driver or library it reports none and logs why."""
+
+    def __init__(self) -> None:
+        self.unavailable_reason: str | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, driver errors
+            self.unavailable_reason = f"NVML unavailable ({type(exc).__name__}: {exc})"
+            log.info("no GPUs: %s", self.unavailable_reason)
+            self._nvml = None
+            return
+        self._nvml = pynvml
+
+    def snapshot(self) -> tuple[GpuInfo, ...]:
+        nvml = self._nvml
+        if nvml is None:
+            return ()
+        gpus = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = nvml.nvmlDeviceGetName(handle)
+            gpu_uuid = nvml.nvmlDeviceGetUUID(handle)
+            try:
+                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                cc = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+                healthy = True
+            except nvml.NVMLError as exc:
+                log.warning("GPU %s (%s) does not answer NVML: %s", index, gpu_uuid, exc)
+                gpus.append(GpuInfo(index, _text(gpu_uuid), _text(name), 0, 0, (0, 0), healthy=False))
+                continue
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    uuid=_text(gpu_uuid),
+                    name=_text(name),
+                    memory_total_mib=memory.total // 2**20,
+                    memory_used_mib=memory.used // 2**20,
+                    compute_capability=(int(cc[0]), int(cc[1])),
+                    healthy=healthy,
+                )
+            )
+        return tuple(gpus)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def provider_from_env(simulate: str | None = None) -> GpuProvider:
+    """``TASKMESH_SIMULATE_GPUS`` (or *simulate*, e.g. from config) wins; else NVML."""
+    spec = os.environ.get(SIMULATE_ENV) or simulate
+    if spec:
+        return SimulatedProvider(spec)
+    return NvmlProvider()
