@@ -1,0 +1,206 @@
+"""The ``taskmesh`` command, also reachable as ``celery -A app taskmesh ...``.
+
+Each subcommand is thin: it imports the app, asks the planning and stack modules
+what to do, and reports errors as one line naming the thing and the fix (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from celery.app.utils import find_app
+
+from .config import Config, load_config
+from .errors import TaskmeshError
+from .hardware import Inventory, detect
+from .stack import Stack, StackError, StackOptions, free_port
+from .workers import GROUP_PROFILES, PlanError, plan_workers
+
+DEMO_APP = "taskmesh.demo"
+DEMO_GPUS = "1x24GiB,cc=8.9"
+
+
+def load_app(path: str) -> Any:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    return find_app(path)
+
+
+def app_path(ctx: click.Context) -> str | None:
+    return ctx.meta.get("taskmesh.app")
+
+
+def config_and_inventory(app: Any | None) -> tuple[Config, Inventory]:
+    config = getattr(app, "taskmesh_config", None) or load_config()
+    inventory = app.inventory() if hasattr(app, "inventory") else detect(config)
+    return config, inventory
+
+
+def _plan(app: Any, profile: str, gpu_pool: str | None) -> list[Any]:
+    config, inventory = config_and_inventory(app)
+    return plan_workers(config, inventory, profile, app.tasks.values(), gpu_pool)
+
+
+@click.command()
+@click.option("--profile", type=click.Choice(GROUP_PROFILES + ("all", "gpu_intensive", "io", "io_bound")),
+              default="all", show_default=True, help="Which worker groups to start.")
+@click.option("--gpu-pool", type=click.Choice(["prefork", "threads", "solo"]), default=None,
+              help="Pool of GPU workers (default prefork; solo hides the worker during a task).")
+@click.option("--dry-run", is_flag=True, help="Print the exact commands and exit.")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--logdir", type=click.Path(path_type=Path), default=None,
+              help="Write each worker's output to DIR/<group>.log instead of this terminal.")
+@click.pass_context
+def worker(ctx: click.Context, profile: str, gpu_pool: str | None, dry_run: bool, loglevel: str,
+           logdir: Path | None) -> None:
+    """Start typed worker groups sized from this machine's hardware."""
+    from .supervisor import ProcessSpec, Supervisor
+
+    path = app_path(ctx)
+    if not path:
+        raise click.UsageError("worker needs the app: taskmesh -A myapp.tasks worker --profile gpu")
+    app = load_app(path)
+    group = "gpu" if profile in ("gpu_intensive",) else "cpu_light" if profile in ("io", "io_bound") else profile
+    specs = _plan(app, group, gpu_pool)
+    if dry_run:
+        for spec in specs:
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env)
+            click.echo(f"{env + ' ' if env else ''}{shlex.join(spec.argv(path, loglevel))}")
+        return
+    supervisor = Supervisor(logdir=logdir)
+    supervisor.install_signal_handlers()
+    try:
+        for spec in specs:
+            proc = supervisor.add(ProcessSpec(spec.group, spec.argv(path, loglevel), spec.environ()))
+            click.echo(f"taskmesh: started {spec.nodename} ({spec.pool} x{spec.concurrency}) pid {proc.pid}",
+                       err=True)
+        supervisor.wait()
+    finally:
+        supervisor.stop()
+
+
+@click.command()
+@click.option("--demo", is_flag=True, help="Run the built-in mixed demo workload to completion, then stop.")
+@click.option("--broker", default=None, help="Use this broker instead of starting redis-server.")
+@click.option("--redis-port", type=int, default=None, help="Port of the Redis started here (default 6379; "
+              "a free one with --demo).")
+@click.option("--flower/--no-flower", default=True, show_default=True)
+@click.option("--flower-port", type=int, default=None, help="Default 5555 (a free one with --demo).")
+@click.option("--flower-auth", default=None, help="user:password for Flower (default: generated and printed).")
+@click.option("--beat/--no-beat", default=True, show_default=True)
+@click.option("--gpu-pool", type=click.Choice(["prefork", "threads", "solo"]), default=None)
+@click.option("--logdir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True, help="With --demo: print the summary as JSON too.")
+@click.pass_context
+def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | None, flower: bool,
+       flower_port: int | None, flower_auth: str | None, beat: bool, gpu_pool: str | None,
+       logdir: Path | None, as_json: bool) -> None:
+    """Start Redis, the worker groups, beat and Flower on this machine."""
+    path = app_path(ctx)
+    if demo:
+        if path and path != DEMO_APP:
+            raise click.UsageError(f"--demo runs the built-in app {DEMO_APP}; drop -A {path}")
+        path = DEMO_APP
+        if not os.environ.get("TASKMESH_SIMULATE_GPUS") and not detect(load_config()).gpus:
+            os.environ["TASKMESH_SIMULATE_GPUS"] = DEMO_GPUS
+            click.echo(f"taskmesh: no GPU found; simulating {DEMO_GPUS} for the demo", err=True)
+    if not path:
+        raise click.UsageError("up needs the app: taskmesh -A myapp.tasks up (or taskmesh up --demo)")
+    options = StackOptions(
+        app_path=path,
+        broker=broker,
+        redis_port=redis_port or (free_port() if demo else 6379),
+        flower=flower,
+        flower_port=flower_port or (free_port() if demo else 5555),
+        flower_auth=flower_auth,
+        beat=beat,
+        logdir=logdir,
+    )
+    stack = Stack(options)
+    stack.supervisor.install_signal_handlers()
+    try:
+        stack.start_broker()
+        app = load_app(path)
+        stack.start_services(_plan(app, "all", gpu_pool))
+        stack.wait_until_ready(app)
+        click.echo(stack.describe())
+        if demo:
+            from .demo import format_summary, run_workload
+
+            summary = run_workload()
+            click.echo(format_summary(summary))
+            if as_json:
+                click.echo(json.dumps(summary))
+        else:
+            click.echo("taskmesh: up; Ctrl-C stops everything", err=True)
+            stack.supervisor.wait()
+    finally:
+        stack.stop()
+
+
+@click.command()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Print the hardware inventory, the resolved config and the worker plan."""
+    path = app_path(ctx)
+    app = load_app(path) if path else None
+    config, inventory = config_and_inventory(app)
+    click.echo(f"config: {config.source}")
+    for line in inventory.describe():
+        click.echo(line)
+    click.echo(f"default profile: {config.default_profile.queue}; GPU slots per GPU: {config.slots_per_gpu}")
+    for name, queue in config.queues.items():
+        click.echo(f"queue {name}: max_depth={queue.max_depth} concurrency={queue.concurrency} pool={queue.pool}")
+    if app is None:
+        return
+    for name, task in sorted(app.tasks.items()):
+        requirement = getattr(task, "requirement", None)
+        if requirement is not None and not name.startswith("celery."):
+            click.echo(f"task {name} → {requirement.profile.queue} {requirement.to_header()}")
+    for spec in plan_workers(config, inventory, "all", app.tasks.values()):
+        click.echo(f"worker {spec.nodename}: {spec.queue} {spec.pool} x{spec.concurrency}")
+
+
+COMMANDS = (worker, up, doctor)
+
+
+@click.group()
+@click.option("-A", "--app", "app", default=None, help="The Celery app, e.g. myapp.tasks.")
+@click.option("--hardware", default=None, help="Hardware config name or path (env TASKMESH_HARDWARE).")
+@click.pass_context
+def cli(ctx: click.Context, app: str | None, hardware: str | None) -> None:
+    """taskmesh: resource-aware Celery."""
+    if hardware:
+        os.environ["TASKMESH_HARDWARE"] = hardware
+    ctx.meta["taskmesh.app"] = app
+
+
+@click.group(name="taskmesh")
+@click.pass_context
+def celery_command(ctx: click.Context) -> None:
+    """taskmesh commands inside ``celery -A app taskmesh ...``."""
+    ctx.meta["taskmesh.app"] = ctx.find_root().params.get("app")
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+    celery_command.add_command(_command)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (TaskmeshError, PlanError, StackError) as exc:
+        click.echo(f"taskmesh: error: {exc}", err=True)
+        sys.exit(2)
