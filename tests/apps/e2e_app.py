@@ -1,0 +1,52 @@
+"""The app the end-to-end tests start real workers for: each task reports where it ran."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from taskmesh import create_app
+from taskmesh.placement import current_placement
+
+app = create_app("tests.apps.e2e_app")
+
+
+def _where(label: Any = None) -> dict[str, Any]:
+    import os
+
+    return {
+        **dataclasses.asdict(current_placement()),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "label": label,
+        "at": time.time(),
+    }
+
+
+@app.task(profile="gpu", vram="4GiB", time_limit=300)
+def on_gpu(seconds: float = 0.0, label: Any = None) -> dict[str, Any]:
+    time.sleep(seconds)
+    return _where(label)
+
+
+@app.task(profile="cpu_intensive", time_limit=300)
+def on_cpu(seconds: float = 0.0, label: Any = None) -> dict[str, Any]:
+    time.sleep(seconds)
+    return _where(label)
+
+
+@app.task(profile="io", time_limit=300)
+def on_io(seconds: float = 0.0, label: Any = None) -> dict[str, Any]:
+    time.sleep(seconds)
+    return _where(label)
+
+
+@app.task(profile="mixed", fallback="cpu", time_limit=300)
+def on_mixed(seconds: float = 0.0, label: Any = None) -> dict[str, Any]:
+    time.sleep(seconds)
+    return _where(label)
+
+
+@app.task(time_limit=300)
+def undeclared(label: Any = None) -> dict[str, Any]:
+    return _where(label)

@@ -1,0 +1,120 @@
+"""Real parts for every test: a redis-server per session on a free loopback port,
+and helpers that start real worker processes and stop them by process id."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from taskmesh.stack import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed; scripts/test installs it (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def broker_url(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A clean database for each test, exported as TASKMESH_BROKER_URL."""
+    url = f"{redis_server}/0"
+    redis.Redis.from_url(url).flushall()
+    monkeypatch.setenv("TASKMESH_BROKER_URL", url)
+    return url
+
+
+@pytest.fixture
+def broker(broker_url: str) -> redis.Redis:
+    return redis.Redis.from_url(broker_url)
+
+
+class Processes:
+    """Processes a test starts; every one is stopped by its pid (and process group) at the end."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen[bytes]:
+        merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(argv, env=merged, cwd=ROOT, start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def taskmesh(self, *args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen[bytes]:
+        return self.start([sys.executable, "-m", "taskmesh", *args], env, **kwargs)
+
+    def celery_worker(self, app: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.start([sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel", "WARNING", *args], env)
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if proc.poll() is None:
+            proc.wait(10)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    procs = Processes()
+    yield procs
+    procs.stop_all()
+
+
+def wait_for_workers(app, names: list[str], timeout: float = 60) -> None:
+    """Block until every named worker answers ping."""
+    waiting = set(names)
+    deadline = time.monotonic() + timeout
+    while waiting:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"workers {sorted(waiting)} did not answer ping in {timeout}s")
+        for reply in app.control.ping(destination=sorted(waiting), timeout=0.5) or []:
+            waiting -= set(reply)
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """Messages waiting in *queue* over every Redis priority sub-list."""
+    return sum(client.llen(key) for key in [queue] + [f"{queue}\x06\x16{p}" for p in (1, 2, 3, 4, 5, 6, 7, 8, 9)])

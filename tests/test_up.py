@@ -1,0 +1,91 @@
+"""``taskmesh up``: the whole stack starts, the demo completes, and nothing is left behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import requests
+
+from .conftest import ROOT
+
+
+def marked(marker: str) -> list[psutil.Process]:
+    """Processes that inherited this test's marker in their environment."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TASKMESH_TEST_MARKER") == marker:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_leftovers(marker: str) -> None:
+    for proc in marked(marker):
+        proc.kill()
+
+
+def test_up_demo_runs_the_mixed_workload_and_leaves_no_process(processes):
+    marker = uuid.uuid4().hex
+    proc = processes.taskmesh("up", "--demo", env={"TASKMESH_TEST_MARKER": marker},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        for queue in ("gpu", "cpu_intensive", "cpu_light", "mixed"):
+            assert any(line.split()[:2] and line.split()[0] == queue for line in out.splitlines()), out
+        assert "gevent / io@" in out and "prefork / gpu0@" in out
+        assert "simulating 1x24GiB" in err
+        assert marked(marker) == []
+    finally:
+        kill_leftovers(marker)
+
+
+def test_up_serves_flower_with_auth_and_sigterm_stops_everything(processes, tmp_path):
+    marker = uuid.uuid4().hex
+    proc = processes.taskmesh(
+        "-A", "tests.apps.e2e_app", "up", "--redis-port", str(_free()), "--flower-port",
+        str(port := _free()), "--flower-auth", "ops:s3cret", "--logdir", str(tmp_path),
+        env={"TASKMESH_TEST_MARKER": marker, "TASKMESH_SIMULATE_GPUS": "1x24GiB"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("Ctrl-C stops everything" in line for line in lines):
+            lines.append(proc.stdout.readline())
+        assert any(f"flower: http://127.0.0.1:{port}/  login ops:s3cret" in line for line in lines), lines
+        assert len(marked(marker)) >= 7  # supervisor, redis, 4 workers (+ pool children), beat, flower
+        url = f"http://127.0.0.1:{port}/api/workers"
+        for _ in range(50):
+            try:
+                if requests.get(url, auth=("ops", "s3cret"), timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        assert requests.get(url, timeout=2).status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(90)
+        assert proc.returncode == 0
+        assert marked(marker) == []
+    finally:
+        kill_leftovers(marker)
+
+
+def _free() -> int:
+    from taskmesh.stack import free_port
+
+    return free_port()
+
+
+def test_up_says_what_to_do_when_redis_is_missing(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "taskmesh", "-A", "tests.apps.e2e_app", "up", "--no-flower"],
+                         env={"PATH": str(tmp_path)}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "redis-server is not installed" in out.stderr and "--broker" in out.stderr
