@@ -38,7 +38,11 @@ MIN_VISIBILITY_TIMEOUT = 3600
 
 
 class TaskmeshTask(Task):
-    """Task base: names priorities and stamps the requirement into the headers."""
+    """Task base: names priorities and stamps the requirement into the headers.
+
+    A declared priority is applied here rather than as Celery's ``Task.priority``
+    attribute, which Celery 5.7 deprecates in favour of routing.
+    """
 
     requirement: Requirement = Requirement()
 
@@ -48,6 +52,8 @@ class TaskmeshTask(Task):
             options["priority"] = int(Priority.from_urgency(urgency))
         elif options.get("priority") is not None:
             options["priority"] = Priority.parse(options["priority"])
+        elif self.requirement.priority is not None:
+            options["priority"] = self.requirement.priority
         options["headers"] = {
             **(options.get("headers") or {}),
             HEADER: self.requirement.to_header(),
@@ -68,11 +74,8 @@ class TaskmeshCelery(Celery):
 
         def declare(fun: Any) -> Any:
             name = opts.get("name") or gen_task_name(self, fun.__name__, fun.__module__)
-            requirement = self._requirement(name, {**resources, "priority": opts.get("priority")})
-            options = dict(opts, requirement=requirement)
-            if requirement.priority is not None:
-                options["priority"] = requirement.priority
-            return super(TaskmeshCelery, self).task(**options)(fun)
+            requirement = self._requirement(name, {**resources, "priority": opts.pop("priority", None)})
+            return super(TaskmeshCelery, self).task(**dict(opts, requirement=requirement))(fun)
 
         return declare
 

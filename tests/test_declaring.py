@@ -99,9 +99,9 @@ def test_priorities_follow_redis_steps_and_the_one_to_five_scale(app):
     assert Priority.parse("critical") == 0 and Priority.parse(Priority.LOW) == 9 and Priority.parse(4) == 4
     assert [Priority.from_urgency(n) for n in (5, 4, 3, 2, 1)] == [
         Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW, Priority.LOW]
-    assert declare(app, "t.urgent", urgency=5).priority == 0
-    assert declare(app, "t.high", priority=Priority.HIGH).priority == 3
-    assert declare(app, "t.low", priority="low").priority == 9
+    assert declare(app, "t.urgent", urgency=5).requirement.priority == 0
+    assert declare(app, "t.high", priority=Priority.HIGH).requirement.priority == 3
+    assert declare(app, "t.low", priority="low").requirement.priority == 9
     assert app.conf.task_default_priority == Priority.NORMAL
 
 

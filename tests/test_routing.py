@@ -61,6 +61,20 @@ def test_priority_names_and_urgency_reach_the_redis_priority_lists(e2e, broker):
     assert broker.llen("cpu_intensive\x06\x169") == 1  # LOW
 
 
+def test_a_declared_priority_is_the_default_and_the_caller_can_override_it(broker_url, broker):
+    from taskmesh import create_app
+
+    app = create_app("declared-priority", broker=broker_url)
+
+    @app.task(name="dp.urgent", urgency=5, shared=False)
+    def urgent():
+        return None
+
+    urgent.delay()
+    urgent.apply_async(priority=Priority.LOW)
+    assert broker.llen("cpu_light") == 1 and broker.llen("cpu_light\x06\x169") == 1
+
+
 def test_critical_tasks_queued_after_low_ones_run_first(e2e, broker, processes):
     results = [e2e.on_cpu.apply_async(kwargs={"label": f"low-{i}"}, priority=Priority.LOW) for i in range(10)]
     results += [e2e.on_cpu.apply_async(kwargs={"label": f"crit-{i}"}, priority=Priority.CRITICAL) for i in range(10)]
