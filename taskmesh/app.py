@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.utils.imports import gen_task_name
 from kombu import Exchange, Queue
 
@@ -45,6 +46,8 @@ class TaskmeshTask(Task):
     """
 
     requirement: Requirement = Requirement()
+    Strategy = "taskmesh.admission:admission_strategy"
+    Request = "taskmesh.admission:AdmittedRequest"
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
         urgency = options.pop("urgency", None)
@@ -139,6 +142,7 @@ def create_app(
     )
     app.conf.update(celery_conf)
     app.on_after_finalize.connect(_derive_visibility_timeout, weak=False)
+    app.steps["consumer"].add("taskmesh.admission:AdmissionStep")
     return app
 
 
@@ -186,3 +190,15 @@ def _derive_visibility_timeout(sender: TaskmeshCelery, **_: Any) -> None:
             current, ", ".join(unlimited[:8]) + (" ..." if len(unlimited) > 8 else ""),
         )
 
+
+
+@signals.task_postrun.connect(weak=False)
+def _empty_cuda_cache(**_: Any) -> None:
+    """After each task, give PyTorch's cached GPU memory back so NVML shows it free.
+
+    Admission trusts NVML's "free"; a cache kept by an idle pool process would
+    otherwise look like memory in use and hold the next task back.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -36,6 +36,18 @@ class QueueConfig:
     max_depth: int | None = None
     concurrency: int | None = None
     pool: str | None = None
+    fallback_depth: int = 0  # a queue is saturated for fallback when deeper than this and nothing admits
+
+
+@dataclasses.dataclass(frozen=True)
+class AdmissionConfig:
+    reservation_ttl_s: float = 15.0  # a dead worker's reservations (and messages) are reclaimed after this
+    safety_margin_mib: int = 512  # kept free on every GPU beyond what tasks declare
+    max_memory_percent: float = 90.0  # CPU workers pause intake above this host memory use ...
+    max_load_per_thread: float = 4.0  # ... or above this 1-minute load average per CPU thread
+    on_infeasible: str = "raise"  # raise | warn: what apply_async does when no known hardware fits
+    registry_memory_s: float = 86400.0  # hardware seen this recently counts as existing
+    queue_full_wait_s: float = 0.0  # apply_async waits this long for room before raising QueueFull
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +78,7 @@ class Config:
         default_factory=lambda: {q: QueueConfig() for q in QUEUES}
     )
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    admission: AdmissionConfig = AdmissionConfig()
 
     def queue(self, name: str) -> QueueConfig:
         return self.queues.get(name, QueueConfig())
@@ -120,8 +133,48 @@ def _optional_int(value: Any) -> int | None:
     return None if value is None else _positive_int(value)
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{value!r} is not a number of seconds >= 0")
+    return float(value)
+
+
+def _percent(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+        raise ValueError(f"{value!r} is not a percentage in (0, 100]")
+    return float(value)
+
+
+def _mib(value: Any) -> int:
+    try:
+        return 0 if value == 0 else parse_mib(value)
+    except SizeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _infeasible(value: Any) -> str:
+    if value not in ("raise", "warn"):
+        raise ValueError(f"{value!r} is not 'raise' or 'warn'")
+    return value
+
+
 _Schema = Mapping[str, "Callable[[Any], Any] | _Schema"]
-_QUEUE_SCHEMA = {"max_depth": _optional_int, "concurrency": _optional_int, "pool": _pool}
+_QUEUE_SCHEMA = {"max_depth": _optional_int, "concurrency": _optional_int, "pool": _pool, "fallback_depth": _count}
+_ADMISSION_SCHEMA = {
+    "reservation_ttl_s": _seconds,
+    "safety_margin": _mib,
+    "max_memory_percent": _percent,
+    "max_load_per_thread": _positive_number,
+    "on_infeasible": _infeasible,
+    "registry_memory_s": _seconds,
+    "queue_full_wait_s": _seconds,
+}
 _GROUP_SCHEMA = {
     "threads": _positive_int,
     "memory_mb": _positive_int,
@@ -144,6 +197,7 @@ SCHEMA: _Schema = {
     "task_groups": {"*": _GROUP_SCHEMA},
     "queues": {q: _QUEUE_SCHEMA for q in QUEUES},
     "tasks": {"*": {option: (lambda v: v) for option in REQUIREMENT_OPTIONS + ("priority",)}},
+    "admission": _ADMISSION_SCHEMA,
 }
 
 #: environment variable → (dotted key, converter); applied over the file.
@@ -154,6 +208,8 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_MIXED_CONCURRENCY": ("queues.mixed.concurrency", _positive_int),
     "TASKMESH_GPU_POOL": ("queues.gpu.pool", _pool),
     "TASKMESH_DEFAULT_PROFILE": ("default_profile", _profile),
+    "TASKMESH_RESERVATION_TTL_S": ("admission.reservation_ttl_s", _seconds),
+    "TASKMESH_ON_INFEASIBLE": ("admission.on_infeasible", _infeasible),
 }
 
 
@@ -228,7 +284,7 @@ def load_config(selection: str | os.PathLike[str] | None = None) -> Config:
             continue
         raw_value = os.environ[env]
         try:
-            value = convert(int(raw_value) if raw_value.strip().isdigit() else raw_value)
+            value = convert(yaml.safe_load(raw_value) if raw_value.strip() else raw_value)
         except ValueError as exc:
             raise ConfigError(env, None, str(exc), f"set {env} to a valid value for {dotted}") from None
         *parents, leaf = dotted.split(".")
@@ -252,6 +308,9 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
         for name, g in data.get("task_groups", {}).items()
     }
     queues = {q: QueueConfig(**data.get("queues", {}).get(q, {})) for q in QUEUES}
+    admission = dict(data.get("admission", {}))
+    if "safety_margin" in admission:
+        admission["safety_margin_mib"] = admission.pop("safety_margin")
     return Config(
         source=source,
         default_profile=data.get("default_profile", Profile.IO_BOUND),
@@ -267,4 +326,5 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
         task_groups=groups,
         queues=queues,
         tasks=data.get("tasks", {}),
+        admission=AdmissionConfig(**admission),
     )

@@ -19,7 +19,7 @@ import os
 import re
 import socket
 import uuid
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import ConfigError
 from .sizes import SizeError, format_mib, parse_mib
@@ -106,17 +106,23 @@ class SimulatedProvider:
     """GPUs that exist only on paper, with stable UUIDs derived from host and position.
 
     Deterministic UUIDs let the supervisor, each worker and the tests agree on which
-    GPU is which without sharing state.
+    GPU is which without sharing state. With a Redis *control* client, drills can
+    change the simulation at run time from any process (``SimulationControl``):
+    memory used by "other processes", a failed GPU, GPUs added to the machine.
     """
 
-    def __init__(self, spec: str, host: str | None = None) -> None:
+    def __init__(self, spec: str, host: str | None = None, control: Any = None) -> None:
         self.spec = spec
-        host = host or socket.gethostname()
+        self.host = host or socket.gethostname()
+        self.control = control
+        self._gpus = self._build(spec, start=0)
+
+    def _build(self, spec: str, start: int) -> tuple[GpuInfo, ...]:
         gpus = []
         for group in parse_simulated_spec(spec):
             for _ in range(group.count):
-                index = len(gpus)
-                gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{host}/sim/{index}"))
+                index = start + len(gpus)
+                gpu_uuid = "GPU-" + str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{self.host}/sim/{index}"))
                 gpus.append(
                     GpuInfo(
                         index=index,
@@ -128,10 +134,53 @@ class SimulatedProvider:
                         simulated=True,
                     )
                 )
-        self._gpus = tuple(gpus)
+        return tuple(gpus)
 
     def snapshot(self) -> tuple[GpuInfo, ...]:
-        return self._gpus
+        if self.control is None:
+            return self._gpus
+        state = {k.decode(): v.decode() for k, v in self.control.hgetall(simulation_key(self.host)).items()}
+        gpus = self._gpus
+        if state.get("extra"):
+            gpus = gpus + self._build(state["extra"], start=len(gpus))
+        return tuple(
+            dataclasses.replace(
+                g,
+                memory_used_mib=min(g.memory_total_mib, int(state.get(f"used:{g.index}", 0))),
+                healthy=state.get(f"failed:{g.index}") != "1",
+            )
+            for g in gpus
+        )
+
+
+def simulation_key(host: str) -> str:
+    return f"taskmesh:simulated:{host}"
+
+
+class SimulationControl:
+    """Drive a ``SimulatedProvider`` from outside: for tests, drills and capacity planning."""
+
+    def __init__(self, client: Any, host: str | None = None) -> None:
+        self.client = client
+        self.key = simulation_key(host or socket.gethostname())
+
+    def fail(self, index: int) -> None:
+        self.client.hset(self.key, f"failed:{index}", "1")
+
+    def recover(self, index: int) -> None:
+        self.client.hdel(self.key, f"failed:{index}")
+
+    def use(self, index: int, mib: int) -> None:
+        """Pretend another process uses *mib* of GPU *index* (0 frees it)."""
+        self.client.hset(self.key, f"used:{index}", mib)
+
+    def add(self, spec: str) -> None:
+        parse_simulated_spec(spec, source="simulated GPUs to add")
+        current = self.client.hget(self.key, "extra")
+        self.client.hset(self.key, "extra", f"{current.decode()};{spec}" if current else spec)
+
+    def reset(self) -> None:
+        self.client.delete(self.key)
 
 
 class NvmlProvider:
@@ -185,9 +234,12 @@ def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def provider_from_env(simulate: str | None = None) -> GpuProvider:
-    """``TASKMESH_SIMULATE_GPUS`` (or *simulate*, e.g. from config) wins; else NVML."""
+def provider_from_env(simulate: str | None = None, control: Any = None) -> GpuProvider:
+    """``TASKMESH_SIMULATE_GPUS`` (or *simulate*, e.g. from config) wins; else NVML.
+
+    *control* (a Redis client) lets simulated GPUs be changed at run time.
+    """
     spec = os.environ.get(SIMULATE_ENV) or simulate
     if spec:
-        return SimulatedProvider(spec)
+        return SimulatedProvider(spec, control=control)
     return NvmlProvider()

@@ -22,10 +22,19 @@ class Placement:
     queue: str | None
     pool: str
     gpu_uuids: tuple[str, ...]
+    fallback_from: str | None = None  # the profile's own queue, when the task was sent to its fallback
 
     @property
     def on_gpu(self) -> bool:
         return bool(self.gpu_uuids)
+
+    @property
+    def cuda_device(self) -> str | None:
+        """``cuda:N`` for the first admitted GPU, indexed as ``CUDA_VISIBLE_DEVICES`` lists them."""
+        visible = visible_gpus()
+        if not self.gpu_uuids:
+            return None
+        return f"cuda:{visible.index(self.gpu_uuids[0])}" if self.gpu_uuids[0] in visible else "cuda:0"
 
 
 def current_pool() -> str:
@@ -46,11 +55,14 @@ def visible_gpus() -> tuple[str, ...]:
 
 
 def current_placement() -> Placement:
+    """Where this task runs; ``gpu_uuids`` are the GPUs admission reserved for it."""
     request = getattr(current_task, "request", None)
     delivery = getattr(request, "delivery_info", None) or {}
+    admitted = getattr(request, "taskmesh_gpus", None)
     return Placement(
         node=getattr(request, "hostname", None),
         queue=delivery.get("routing_key"),
         pool=current_pool(),
-        gpu_uuids=visible_gpus(),
+        gpu_uuids=tuple(admitted) if admitted is not None else visible_gpus(),
+        fallback_from=getattr(request, "taskmesh_fallback_from", None),
     )

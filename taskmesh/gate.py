@@ -1,0 +1,176 @@
+"""Admission decisions: can this worker run this task now, on which GPU, holding what.
+
+Pure policy over three views — the task's ``Requirement``, the provider's observed
+GPUs, and the shared ``Ledger`` — with no Celery in it, so the same code decides in
+a worker, in a benchmark and in the fleet simulator.
+
+The rule is "both must agree": a GPU takes a task only if the ledger has room (what
+taskmesh tasks declared) *and* the provider shows the memory free (other processes,
+a PyTorch cache not yet emptied), each less a safety margin. A task that declares no
+``vram``, or ``exclusive=True``, claims the whole GPU: never oversubscribing is the
+default, sharing is declared.
+
+Three answers: ``Admitted`` (reserved; run it), ``Wait`` (not now; hold the message
+and pause intake), ``Reroute`` (this worker's GPUs can never fit it; send it to the
+queue of GPUs that can). A ``mixed`` task never waits for a GPU: it runs on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import psutil
+
+from .config import AdmissionConfig
+from .gpu import GpuInfo, GpuProvider
+from .ledger import Claim, Ledger, gpu_pool, host_memory_pool, host_threads_pool
+from .profiles import Profile
+from .requirements import Requirement
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Admitted:
+    reservation: str
+    pools: tuple[str, ...]
+    gpus: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Reroute:
+    queue: str
+
+
+Decision = Admitted | Wait | Reroute
+
+
+def need_queue(requirement: Requirement) -> str:
+    """The queue for GPU tasks that only some GPUs can run, named by what they need."""
+    parts = ["gpu"]
+    if requirement.vram_mib:
+        parts.append(f"{requirement.vram_mib}MiB")
+    if requirement.min_compute_capability:
+        parts.append("cc{}.{}".format(*requirement.min_compute_capability))
+    return ".".join(parts)
+
+
+def fits(gpu: GpuInfo, requirement: Requirement, margin_mib: int) -> bool:
+    """Whether *gpu* could ever run the task (capacity and compute capability)."""
+    if requirement.min_compute_capability and gpu.compute_capability < requirement.min_compute_capability:
+        return False
+    return requirement.vram_mib is None or requirement.vram_mib <= gpu.memory_total_mib - margin_mib
+
+
+class Gate:
+    """Decisions and health for one worker's GPUs and its host."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        provider: GpuProvider,
+        ledger: Ledger,
+        config: AdmissionConfig,
+        gpu_uuids: Sequence[str] | None,
+        cpu_threads: int,
+        memory_total_mib: int,
+    ) -> None:
+        self.host = host
+        self.provider = provider
+        self.ledger = ledger
+        self.config = config
+        self.gpu_uuids = None if gpu_uuids is None else tuple(gpu_uuids)
+        self.cpu_threads = cpu_threads
+        self.memory_total_mib = memory_total_mib
+        self.known: dict[str, GpuInfo] = {g.uuid: g for g in self._observe()}
+
+    def _observe(self) -> tuple[GpuInfo, ...]:
+        gpus = self.provider.snapshot()
+        return gpus if self.gpu_uuids is None else tuple(g for g in gpus if g.uuid in self.gpu_uuids)
+
+    def gpus(self) -> tuple[GpuInfo, ...]:
+        """This worker's GPUs now; one that fails NVML, reports an Xid or vanished is unhealthy."""
+        try:
+            seen = {g.uuid: g for g in self._observe()}
+        except Exception as exc:  # a driver error must not take the worker down
+            log.warning("GPU provider failed: %s; marking this worker's GPUs unhealthy", exc)
+            seen = {}
+        for uuid, gpu in seen.items():
+            self.known[uuid] = gpu
+        return tuple(
+            seen.get(uuid) or dataclasses.replace(gpu, healthy=False) for uuid, gpu in self.known.items()
+        )
+
+    def host_claims(self, requirement: Requirement, cpu_path: bool) -> list[Claim]:
+        claims = []
+        if requirement.memory_mib:
+            claims.append(Claim(host_memory_pool(self.host), requirement.memory_mib, self.memory_total_mib))
+        if cpu_path and requirement.profile in (Profile.CPU_INTENSIVE, Profile.MIXED):
+            claims.append(Claim(host_threads_pool(self.host), requirement.cpu_threads, self.cpu_threads))
+        return claims
+
+    def decide(self, requirement: Requirement, reservation: str) -> Decision:
+        if not requirement.needs_gpu:
+            return self._reserve(reservation, self.host_claims(requirement, cpu_path=True), ())
+        gpus = self.gpus()
+        margin = self.config.safety_margin_mib
+        possible = [g for g in gpus if fits(g, requirement, margin)]
+        if len(possible) < requirement.gpus:
+            if requirement.profile is Profile.MIXED or not gpus:
+                return self._reserve(reservation, self.host_claims(requirement, cpu_path=True), ())
+            return Reroute(need_queue(requirement))
+        decision = self._reserve_gpus(requirement, reservation, [g for g in possible if g.healthy])
+        if isinstance(decision, Wait) and requirement.profile is Profile.MIXED:
+            return self._reserve(reservation, self.host_claims(requirement, cpu_path=True), ())
+        return decision
+
+    def _reserve_gpus(self, requirement: Requirement, reservation: str, gpus: list[GpuInfo]) -> Decision:
+        margin = self.config.safety_margin_mib
+        exclusive = requirement.exclusive or requirement.vram_mib is None
+        ready = []
+        for gpu in gpus:
+            need = gpu.memory_total_mib - margin if exclusive else requirement.vram_mib
+            if gpu.memory_free_mib - margin >= need:
+                ready.append((gpu.memory_free_mib - need, gpu, need))
+        if len(ready) < requirement.gpus:
+            observed = ", ".join(f"GPU {g.index} {g.memory_free_mib} MiB free" for g in gpus) or "no healthy GPU"
+            return Wait(f"observed: {observed}")
+        ready.sort(key=lambda item: item[0])  # best fit: keep the big holes for big tasks
+        refusals = []
+        for start in range(len(ready) - requirement.gpus + 1):
+            chosen = ready[start : start + requirement.gpus]
+            claims = [Claim(gpu_pool(g.uuid), need, g.memory_total_mib - margin) for _, g, need in chosen]
+            claims += self.host_claims(requirement, cpu_path=False)
+            decision = self._reserve(reservation, claims, tuple(g.uuid for _, g, _ in chosen))
+            if isinstance(decision, Admitted):
+                return decision
+            refusals.append(decision.reason)
+        return Wait("; ".join(refusals))
+
+    def _reserve(self, reservation: str, claims: list[Claim], gpus: tuple[str, ...]) -> Decision:
+        refusal = self.ledger.reserve(reservation, claims)
+        if refusal is not None:
+            return Wait(f"ledger: {refusal}")
+        return Admitted(reservation, tuple(c.pool for c in claims), gpus)
+
+    def host_pressure(self) -> str | None:
+        """A reason to stop taking CPU work on this host, or ``None``."""
+        memory = psutil.virtual_memory().percent
+        if memory > self.config.max_memory_percent:
+            return f"host memory {memory:.0f}% > {self.config.max_memory_percent:.0f}%"
+        load = os.getloadavg()[0] / max(1, self.cpu_threads)
+        if load > self.config.max_load_per_thread:
+            return f"load {load:.1f} per CPU thread > {self.config.max_load_per_thread:.1f}"
+        return None
+
+    def pools(self) -> list[str]:
+        return [gpu_pool(uuid) for uuid in self.known] + [host_threads_pool(self.host), host_memory_pool(self.host)]

@@ -1,0 +1,150 @@
+"""The worker registry: which workers exist, with what hardware, and which are alive.
+
+Every worker with the admission step announces itself every couple of seconds:
+its node name, host, queues and GPUs (UUID, memory, compute capability, health),
+and the delivery tags of the messages it holds. Producers read it to refuse a task
+no hardware can ever run; the step reads it to find workers that died holding
+messages, so those are delivered again now rather than after Redis's visibility
+timeout (an hour or more for long GPU tasks).
+
+"Seen" is kept far longer than "alive" on purpose: hardware scaled to zero a minute
+ago still exists for deciding whether a requirement is feasible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+WORKERS = "taskmesh:workers"
+INFLIGHT = "taskmesh:inflight:"
+NEED_QUEUES = "taskmesh:need-queues"
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuRecord:
+    uuid: str
+    index: int
+    name: str
+    memory_total_mib: int
+    compute_capability: tuple[int, int]
+    healthy: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerRecord:
+    node: str
+    incarnation: str  # one per worker start: a restarted worker is a new incarnation
+    host: str
+    queues: tuple[str, ...]
+    gpus: tuple[GpuRecord, ...]
+    cpu_threads: int
+    memory_total_mib: int
+    last_seen: float = 0.0
+    stopped: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}#{self.incarnation}"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> WorkerRecord:
+        data: dict[str, Any] = json.loads(raw)
+        gpus = tuple(
+            GpuRecord(**{**g, "compute_capability": tuple(g["compute_capability"])}) for g in data.pop("gpus")
+        )
+        return cls(**{**data, "queues": tuple(data.pop("queues")), "gpus": gpus})
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """The largest of each kind that the registry has seen recently."""
+
+    workers: int
+    gpu_memory_mib: int | None
+    compute_capability: tuple[int, int] | None
+    cpu_threads: int | None
+    gpus: tuple[GpuRecord, ...]
+
+
+class Registry:
+    def __init__(self, client: redis.Redis, alive_s: float = 15.0, memory_s: float = 86400.0) -> None:
+        self.client = client
+        self.alive_s = alive_s
+        self.memory_s = memory_s
+
+    def announce(self, record: WorkerRecord, inflight: Iterable[str] = ()) -> None:
+        """Say this worker is alive now, and which delivery tags it holds."""
+        record = dataclasses.replace(record, last_seen=time.time(), stopped=False)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(WORKERS, record.key, record.to_json())
+        pipe.delete(INFLIGHT + record.key)
+        tags = list(inflight)
+        if tags:
+            pipe.sadd(INFLIGHT + record.key, *tags)
+        pipe.execute()
+
+    def stopped(self, record: WorkerRecord) -> None:
+        """A clean stop: Celery restores what the worker held, nothing to reclaim."""
+        record = dataclasses.replace(record, last_seen=time.time(), stopped=True)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(WORKERS, record.key, record.to_json())
+        pipe.delete(INFLIGHT + record.key)
+        pipe.execute()
+
+    def workers(self, now: float | None = None) -> list[WorkerRecord]:
+        """Workers seen within the memory window (forgetting older ones as it goes)."""
+        now = time.time() if now is None else now
+        records, stale = [], []
+        for raw in self.client.hvals(WORKERS):
+            record = WorkerRecord.from_json(raw)
+            (stale if now - record.last_seen > self.memory_s else records).append(record)
+        if stale:
+            self.client.hdel(WORKERS, *[r.key for r in stale])
+        return records
+
+    def is_alive(self, record: WorkerRecord, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return not record.stopped and now - record.last_seen <= self.alive_s
+
+    def dead_holding_messages(self, now: float | None = None) -> dict[str, list[str]]:
+        """Incarnation key → delivery tags, for workers that died (not stopped) holding messages."""
+        dead = [r.key for r in self.workers(now) if not r.stopped and not self.is_alive(r, now)]
+        out = {}
+        for key in dead:
+            tags = [t.decode() for t in self.client.smembers(INFLIGHT + key)]
+            if tags:
+                out[key] = tags
+        return out
+
+    def forget_inflight(self, key: str) -> None:
+        self.client.delete(INFLIGHT + key)
+
+    def capacity(self, now: float | None = None) -> Capacity:
+        records = self.workers(now)
+        gpus = tuple(g for r in records for g in r.gpus)
+        return Capacity(
+            workers=len(records),
+            gpu_memory_mib=max((g.memory_total_mib for g in gpus), default=None),
+            compute_capability=max((g.compute_capability for g in gpus), default=None),
+            cpu_threads=max((r.cpu_threads for r in records), default=None),
+            gpus=gpus,
+        )
+
+    def register_need_queue(self, name: str, vram_mib: int | None, cc: tuple[int, int] | None) -> None:
+        self.client.hset(NEED_QUEUES, name, json.dumps({"vram_mib": vram_mib, "cc": list(cc) if cc else None}))
+
+    def need_queues(self) -> dict[str, tuple[int | None, tuple[int, int] | None]]:
+        out = {}
+        for name, raw in self.client.hgetall(NEED_QUEUES).items():
+            data = json.loads(raw)
+            out[name.decode()] = (data["vram_mib"], tuple(data["cc"]) if data["cc"] else None)
+        return out

@@ -1,0 +1,60 @@
+"""The reservation ledger against a real Redis: atomic, all-or-nothing, and expiring."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from taskmesh.ledger import Claim, Ledger, gpu_pool, host_threads_pool
+
+
+def test_reservations_never_exceed_capacity_under_contention(broker):
+    ledger = Ledger(broker)
+    pool = gpu_pool("GPU-a")
+    won: list[str] = []
+
+    def contend(n: int) -> None:
+        for i in range(25):
+            rid = f"w{n}-{i}"
+            if ledger.reserve(rid, [Claim(pool, 10 * 1024, 24 * 1024)]) is None:
+                won.append(rid)
+
+    threads = [threading.Thread(target=contend, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 2
+    assert ledger.used([pool]) == {pool: 20 * 1024}
+
+
+def test_a_refusal_names_the_pool_and_takes_nothing(broker):
+    ledger = Ledger(broker)
+    gpu, threads = gpu_pool("GPU-b"), host_threads_pool("h")
+    assert ledger.reserve("one", [Claim(threads, 2, 2)]) is None
+    refusal = ledger.reserve("two", [Claim(gpu, 1024, 8192), Claim(threads, 1, 2)])
+    assert refusal is not None and refusal.pool == threads and refusal.used == 2
+    assert ledger.used([gpu, threads]) == {gpu: 0, threads: 2}  # the GPU claim was not taken either
+
+
+def test_release_frees_and_reserving_the_same_id_twice_counts_once(broker):
+    ledger = Ledger(broker)
+    pool = gpu_pool("GPU-c")
+    assert ledger.reserve("r", [Claim(pool, 6000, 8000)]) is None
+    assert ledger.reserve("r", [Claim(pool, 6000, 8000)]) is None
+    assert ledger.used([pool]) == {pool: 6000}
+    ledger.release("r", [pool])
+    assert ledger.used([pool]) == {pool: 0}
+
+
+def test_unrefreshed_reservations_expire_and_refreshed_ones_stay(broker):
+    ledger = Ledger(broker, ttl_s=1.0)
+    pool = gpu_pool("GPU-d")
+    assert ledger.reserve("kept", [Claim(pool, 1000, 8000)]) is None
+    assert ledger.reserve("dropped", [Claim(pool, 2000, 8000)]) is None
+    deadline = time.monotonic() + 1.6
+    while time.monotonic() < deadline:
+        assert ledger.refresh(["kept"], [pool]) == 1
+        time.sleep(0.3)
+    assert ledger.used([pool]) == {pool: 1000}
+    assert set(ledger.holders(pool)) == {"kept"}
