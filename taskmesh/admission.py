@@ -46,6 +46,7 @@ from .registry import Registry
 log = logging.getLogger(__name__)
 TICK_S = 0.5
 HEARTBEAT_S = 2.0
+MIN_BEAT_S = 0.2
 
 
 class AdmittedRequest(Request):
@@ -143,11 +144,16 @@ class AdmissionStep(bootsteps.StartStopStep):
         self.timer_entry = c.timer.call_repeatedly(TICK_S, self.controller.tick)
 
     def _beat(self) -> None:
-        while not self.stopping.wait(HEARTBEAT_S if self.controller.announced else 0):
+        """Announce every HEARTBEAT_S, and soon (coalesced) after the held messages change."""
+        controller = self.controller
+        while not self.stopping.is_set():
             try:
-                self.controller.heartbeat()
+                controller.heartbeat()
             except Exception:  # the next beat tries again; a dead Redis must not kill the thread
                 log.exception("taskmesh heartbeat failed")
+            controller.changed.wait(HEARTBEAT_S)
+            controller.changed.clear()
+            self.stopping.wait(MIN_BEAT_S)
 
     def stop(self, c: Any) -> None:
         if self.timer_entry is not None:

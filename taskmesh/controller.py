@@ -54,7 +54,7 @@ class AdmissionController:
         self.paused_queues: list[str] = []
         self.counters = collections.Counter()
         self.subscribed: set[str] = set()
-        self.announced = False
+        self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
         self._last_event = 0.0
         self._last_state: Any = None
 
@@ -66,6 +66,7 @@ class AdmissionController:
         task_id = message.headers.get("id")
         with self.lock:
             self.tags[task_id] = str(message.delivery_tag)
+        self.changed.set()
         held = Held(message, proceed, requirement, time.monotonic())
         if self.held or self._blocked():
             self._hold(held)
@@ -219,7 +220,6 @@ class AdmissionController:
             tags = list(self.tags.values())
             reservations = [adm.reservation for adm, _ in self.reservations.values()]
         self.registry.announce(self.record(), tags)
-        self.announced = True
         self.gate.ledger.refresh(reservations, self.gate.pools())
         from .admission import reclaim_dead_workers
 

@@ -1,0 +1,48 @@
+"""GPU tasks of declared sizes for the admission tests; every run is recorded in Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import redis
+
+from taskmesh import create_app
+from taskmesh.placement import current_placement
+
+app = create_app("tests.apps.gpu_app")
+RUNS = "test:runs"
+
+
+def _run(task: Any, seconds: float, label: Any) -> dict[str, Any]:
+    started = time.time()
+    client = redis.Redis.from_url(app.conf.broker_url)
+    client.rpush(RUNS, task.request.id)
+    time.sleep(seconds)
+    return {**dataclasses.asdict(current_placement()), "label": label, "started": started, "ended": time.time()}
+
+
+@app.task(bind=True, profile="gpu", vram="10GiB", time_limit=120)
+def ten_gib(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="gpu", vram="40GiB", time_limit=120)
+def forty_gib(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="gpu", vram="1GiB", min_compute_capability="9.0", time_limit=120)
+def hopper_only(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="gpu", vram="10GiB", fallback="cpu_intensive", time_limit=120)
+def flexible(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="cpu_intensive", cpu_threads=1, time_limit=120)
+def crunch(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)

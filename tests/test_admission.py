@@ -1,0 +1,173 @@
+"""GPU admission against a real Redis and real worker processes: never oversubscribe a
+GPU, wait for memory that is really free, survive dead workers and sick GPUs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from taskmesh.gpu import SimulatedProvider, SimulationControl
+from taskmesh.ledger import Ledger, gpu_pool
+
+from .conftest import wait_for_workers
+
+HOST = socket.gethostname()
+APP = "tests.apps.gpu_app"
+GIB = 1024
+
+
+@pytest.fixture
+def gpu_app(broker_url):
+    from tests.apps import gpu_app
+
+    gpu_app.app.conf.broker_url = broker_url
+    gpu_app.app.conf.result_backend = broker_url
+    return gpu_app
+
+
+def start_gpus(processes, app, spec: str, **env: str) -> list[str]:
+    processes.taskmesh("-A", APP, "worker", "--profile", "gpu", "--loglevel", "WARNING",
+                       env={"TASKMESH_SIMULATE_GPUS": spec, **env})
+    nodes = [f"gpu{i}@{HOST}" for i in range(len(SimulatedProvider(spec).snapshot()))]
+    wait_for_workers(app, nodes)
+    return nodes
+
+
+def most_at_once(results: list[dict]) -> int:
+    edges = sorted([(r["started"], 1) for r in results] + [(r["ended"], -1) for r in results])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def stats(app, node: str) -> dict:
+    return app.control.inspect(destination=[node], timeout=5).stats()[node]["taskmesh"]
+
+
+def test_three_slots_on_24gib_run_at_most_two_10gib_tasks_and_lose_none(gpu_app, broker, processes):
+    (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_GPU_SLOTS="3")
+    uuid = SimulatedProvider("1x24GiB").snapshot()[0].uuid
+    ledger, samples, done = Ledger(broker), [], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(ledger.used([gpu_pool(uuid)])[gpu_pool(uuid)])
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    results = [gpu_app.ten_gib.delay(0.5, label=i) for i in range(20)]
+    finished = [r.get(timeout=120) for r in results]
+    done.set()
+    sampler.join()
+    assert sorted(f["label"] for f in finished) == list(range(20))
+    runs = [r.decode() for r in broker.lrange("test:runs", 0, -1)]
+    assert len(runs) == 20 and len(set(runs)) == 20  # none twice
+    assert most_at_once(finished) == 2
+    assert max(samples) == 20 * GIB and min(samples) >= 0
+    counters = stats(gpu_app.app, node)["counters"]
+    assert counters["admitted"] == 20 and counters["waits"] > 0 and counters["pauses"] > 0
+
+
+def test_big_and_hopper_only_tasks_run_only_on_the_gpu_that_fits(gpu_app, processes):
+    spec = "1x80GiB,cc=9.0;1x24GiB,cc=8.9"
+    big_uuid, small_uuid = (g.uuid for g in SimulatedProvider(spec).snapshot())
+    start_gpus(processes, gpu_app.app, spec)
+    big = [gpu_app.forty_gib.delay(2.0, label=f"big{i}") for i in range(2)]
+    time.sleep(0.5)
+    hopper = gpu_app.hopper_only.delay(0.2, label="hopper")
+    small = [gpu_app.ten_gib.delay(0.2, label=f"small{i}") for i in range(3)]
+    ran_big = [r.get(timeout=60) for r in big]
+    ran_hopper = hopper.get(timeout=60)
+    ran_small = [r.get(timeout=60) for r in small]
+    assert {tuple(r["gpu_uuids"]) for r in ran_big} == {(big_uuid,)}
+    assert ran_hopper["gpu_uuids"] == [big_uuid] or tuple(ran_hopper["gpu_uuids"]) == (big_uuid,)
+    # the cc 9.0 task waited for the busy H100-class GPU although the other one was idle
+    assert ran_hopper["started"] >= min(r["ended"] for r in ran_big) - 0.05
+    assert any(tuple(r["gpu_uuids"]) == (small_uuid,) for r in ran_small)
+    # sent after both workers registered, later big tasks go straight to the queue of GPUs that fit
+    late = gpu_app.forty_gib.delay(0.1, label="late").get(timeout=60)
+    assert late["queue"] == "gpu.40960MiB" and tuple(late["gpu_uuids"]) == (big_uuid,)
+
+
+def test_memory_used_by_another_process_holds_a_task_until_it_is_freed(gpu_app, broker, processes):
+    (node,) = start_gpus(processes, gpu_app.app, "1x24GiB")
+    control = SimulationControl(broker)
+    control.use(0, 20 * GIB)
+    result = gpu_app.ten_gib.delay(0.1, label="waits")
+    deadline = time.monotonic() + 20
+    while stats(gpu_app.app, node)["held"] != 1:
+        assert time.monotonic() < deadline, "the task was never held"
+        time.sleep(0.2)
+    state = stats(gpu_app.app, node)
+    assert state["paused"] and "observed: GPU 0 4096 MiB free" in state["reasons"]["waiting"]
+    assert state["gpus"][0]["memory_free_observed_mib"] == 4 * GIB
+    time.sleep(1.0)
+    assert not result.ready()
+    freed_at = time.time()
+    control.use(0, 0)
+    ran = result.get(timeout=30)
+    assert ran["started"] >= freed_at
+    assert not stats(gpu_app.app, node)["paused"]
+
+
+def test_a_sigkilled_worker_loses_its_reservation_and_its_task_runs_again(gpu_app, broker, processes):
+    (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_RESERVATION_TTL_S="4")
+    uuid = SimulatedProvider("1x24GiB").snapshot()[0].uuid
+    ledger = Ledger(broker)
+    result = gpu_app.ten_gib.delay(8.0, label="survivor")
+    deadline = time.monotonic() + 20
+    while ledger.used([gpu_pool(uuid)])[gpu_pool(uuid)] != 10 * GIB or not broker.llen("test:runs"):
+        assert time.monotonic() < deadline, "never reserved and started"
+        time.sleep(0.1)
+    time.sleep(1.0)  # killed a second into an 8 s task
+    (old,) = ledger.holders(gpu_pool(uuid))
+    os.kill(gpu_app.app.control.inspect(destination=[node], timeout=5).stats()[node]["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    while old in ledger.holders(gpu_pool(uuid)) and ledger.used([gpu_pool(uuid)]) == {gpu_pool(uuid): 10 * GIB}:
+        assert time.monotonic() - killed_at < 4 + 2 + 3, "the dead worker's reservation did not expire"
+        time.sleep(0.2)
+    ran = result.get(timeout=60)
+    assert ran["label"] == "survivor"
+    runs = [r.decode() for r in broker.lrange("test:runs", 0, -1)]
+    assert runs == [result.id, result.id]  # delivered again after the kill, and completed once
+
+
+def test_a_gpu_that_fails_takes_no_new_task_and_queued_work_completes_on_the_other(gpu_app, broker, processes):
+    gpu0, gpu1 = start_gpus(processes, gpu_app.app, "2x24GiB")
+    uuids = [g.uuid for g in SimulatedProvider("2x24GiB").snapshot()]
+    results = [gpu_app.ten_gib.delay(0.5, label=i) for i in range(12)]
+    results[1].get(timeout=30)
+    SimulationControl(broker).fail(0)
+    failed_at = time.time()
+    finished = [r.get(timeout=60) for r in results]
+    assert sorted(f["label"] for f in finished) == list(range(12))
+    late = [f for f in finished if f["started"] > failed_at + 1.0]
+    assert late and all(tuple(f["gpu_uuids"]) == (uuids[1],) for f in late)
+    state = stats(gpu_app.app, gpu0)
+    assert state["paused"] and "unhealthy" in state["reasons"] and not state["gpus"][0]["healthy"]
+    SimulationControl(broker).recover(0)
+    deadline = time.monotonic() + 10
+    while stats(gpu_app.app, gpu0)["paused"]:
+        assert time.monotonic() < deadline, "the recovered GPU did not take work again"
+        time.sleep(0.2)
+
+
+def test_admission_state_is_sent_as_worker_events_flower_receives(gpu_app, processes):
+    (node,) = start_gpus(processes, gpu_app.app, "1x24GiB")
+    seen = []
+    with gpu_app.app.connection_for_read() as conn:
+        receiver = gpu_app.app.events.Receiver(conn, handlers={"worker-taskmesh": seen.append})
+        gpu_app.ten_gib.delay(0.2)
+        for _ in receiver.itercapture(limit=None, timeout=8, wakeup=False):
+            if any(e["hostname"] == node for e in seen):
+                break
+    event = next(e for e in seen if e["hostname"] == node)
+    assert event["taskmesh"]["gpus"][0]["memory_total_mib"] == 24 * GIB
