@@ -1,0 +1,159 @@
+"""Queue depth as kombu's Redis transport stores it: the one count everything uses.
+
+Not ``LLEN queue``, as common exporters and KEDA's Redis scaler do: kombu keeps one list
+per priority step (``queue``, ``queue\\x06\\x163``, ``…6``, ``…9`` by default), so a bare
+``LLEN`` sees priority 0 only. A message a worker has taken is in no list but in kombu's
+``unacked`` hash (tag → JSON ``[payload, exchange, routing_key]``) until acknowledged,
+which with late acks is the whole run: that is ``in_flight``, counted by routing key
+(the queue name, for taskmesh's direct exchanges), including a dead worker's messages
+until kombu restores them. Every key carries the transport's ``global_keyprefix``.
+
+Age comes from the ``taskmesh_enqueued_at`` header. kombu LPUSHes and consumers BRPOP,
+so index -1 is the next out and normally the oldest; but ``reject(requeue=True)``
+(Celery's answer to a lost worker) LPUSHes a message back at index 0, so both ends are
+read. The lists are read in one MULTI/EXEC round trip and the hash then by HSCAN, so a
+message delivered in between can be counted twice for that instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
+
+from .app import ENQUEUED_AT
+
+__all__ = ["QueueDepth", "app_queue_depths", "queue_depths"]
+
+PRIORITY_STEPS = (0, 3, 6, 9)  # kombu.transport.redis.PRIORITY_STEPS
+SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueDepth:
+    """One queue's depth at one moment."""
+
+    queue: str
+    waiting: int  # over every priority sub-list
+    in_flight: int  # delivered, not yet acknowledged
+    oldest_age_s: float | None  # None when nothing waits or no waiting message is stamped
+    by_priority: Mapping[int, int] = dataclasses.field(hash=False)  # waiting per priority step
+
+
+def _key(queue: str, step: int, sep: str, keyprefix: str) -> str:
+    """``Channel._q_for_pri``: step 0 is the bare queue name, others are suffixed."""
+    return f"{keyprefix}{queue}{sep}{step}" if step else f"{keyprefix}{queue}"
+
+
+def _enqueued_at(raw: Any) -> float | None:
+    """The taskmesh enqueue time of a raw message, or None if absent or malformed."""
+    if raw is None:
+        return None
+    try:
+        stamp = json.loads(raw)["headers"][ENQUEUED_AT]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not math.isfinite(stamp):
+        return None
+    return float(stamp)
+
+
+def _routing_key(raw: Any) -> str | None:
+    """The routing key of an ``unacked`` hash value, or None if malformed."""
+    try:
+        entry = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    return entry[2] if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str) else None
+
+
+def queue_depths(
+    client: redis.Redis,
+    queues: Iterable[str],
+    *,
+    priority_steps: Iterable[int] = PRIORITY_STEPS,
+    sep: str = SEP,
+    keyprefix: str = "",
+    unacked_key: str = "unacked",
+    now: float | None = None,
+) -> dict[str, QueueDepth]:
+    """Depth of each of *queues*; the options mirror kombu's Redis transport options."""
+    names = list(dict.fromkeys(queues))
+    steps = list(dict.fromkeys(int(step) for step in priority_steps))
+    now = time.time() if now is None else now
+    with client.pipeline(transaction=True) as pipe:
+        for queue in names:
+            for step in steps:
+                key = _key(queue, step, sep, keyprefix)
+                pipe.llen(key)
+                pipe.lindex(key, -1)  # the next out: normally the oldest
+                pipe.lindex(key, 0)  # the last in, or a message requeued behind the others
+        replies = iter(pipe.execute())
+
+    waiting: dict[str, dict[int, int]] = {}
+    age: dict[str, float | None] = {}
+    for queue in names:
+        waiting[queue], first = {}, None
+        for step in steps:
+            length, next_out, last_in = next(replies), next(replies), next(replies)
+            waiting[queue][step] = int(length)
+            stamps = [s for s in (_enqueued_at(next_out), _enqueued_at(last_in), first) if s is not None]
+            first = min(stamps, default=None)
+        age[queue] = None if first is None else max(0.0, now - first)
+
+    in_flight = dict.fromkeys(names, 0)
+    for _, raw in client.hscan_iter(keyprefix + unacked_key, count=500):
+        routing_key = _routing_key(raw)
+        if routing_key in in_flight:
+            in_flight[routing_key] += 1
+
+    return {
+        queue: QueueDepth(
+            queue=queue,
+            waiting=sum(waiting[queue].values()),
+            in_flight=in_flight[queue],
+            oldest_age_s=age[queue],
+            by_priority=types.MappingProxyType(waiting[queue]),
+        )
+        for queue in names
+    }
+
+
+def app_queue_depths(app: Celery, queues: Iterable[str] | None = None) -> dict[str, QueueDepth]:
+    """``queue_depths`` for a Celery app's Redis broker and transport options.
+
+    *queues* defaults to the names in ``app.conf.task_queues``.
+    """
+    conf = app.conf
+    url = conf.broker_write_url or conf.broker_url
+    if isinstance(url, list | tuple):  # a failover list: the first is the one in use
+        url = url[0] if url else None
+    url = str(url or "").split(";")[0].strip()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(
+            f"queue depth needs a Redis broker (redis://, rediss://, unix://); app {app.main!r} has "
+            f"{maybe_sanitize_url(url) or 'none'!r}: set broker_url"
+        )
+    options = conf.broker_transport_options or {}
+    if queues is None:
+        queues = [queue.name for queue in conf.task_queues or ()]
+    client = redis.Redis.from_url(url)
+    try:
+        return queue_depths(
+            client,
+            queues,
+            priority_steps=options.get("priority_steps", PRIORITY_STEPS),
+            sep=options.get("sep", SEP),
+            keyprefix=options.get("global_keyprefix", ""),
+            unacked_key=options.get("unacked_key", "unacked"),
+        )
+    finally:
+        client.close()
