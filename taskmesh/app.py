@@ -62,6 +62,9 @@ class TaskmeshTask(Task):
             HEADER: self.requirement.to_header(),
             ENQUEUED_AT: time.time(),
         }
+        policy = getattr(self.app, "submit_policy", None)
+        if policy is not None:
+            policy().prepare(self.name, self.requirement, options)
         return super().apply_async(args, kwargs, task_id, **options)
 
 
@@ -94,6 +97,22 @@ class TaskmeshCelery(Celery):
             return Requirement.from_options(name, {**declared, **override}, config.default_profile)
         except RequirementError as exc:
             raise ConfigError(config.source, f"tasks.{name}", str(exc).split(": ", 1)[1]) from None
+
+    def redis(self) -> Any:
+        """A Redis client for the broker, shared by this process's producer-side checks."""
+        if getattr(self, "_redis", None) is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.conf.broker_url)
+        return self._redis
+
+    def submit_policy(self) -> Any:
+        """Checks done before a message is sent (backpressure, feasibility, fallback)."""
+        if getattr(self, "_submit_policy", None) is None:
+            from .backpressure import SubmitPolicy
+
+            self._submit_policy = SubmitPolicy(self)
+        return self._submit_policy
 
     def inventory(self) -> Inventory:
         """This machine's hardware under this app's config (detected once, then cached)."""

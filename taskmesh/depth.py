@@ -84,8 +84,13 @@ def queue_depths(
     keyprefix: str = "",
     unacked_key: str = "unacked",
     now: float | None = None,
+    count_in_flight: bool = True,
 ) -> dict[str, QueueDepth]:
-    """Depth of each of *queues*; the options mirror kombu's Redis transport options."""
+    """Depth of each of *queues*; the options mirror kombu's Redis transport options.
+
+    ``count_in_flight=False`` skips the scan of the unacked hash (producers checking
+    ``max_depth`` need only what waits).
+    """
     names = list(dict.fromkeys(queues))
     steps = list(dict.fromkeys(int(step) for step in priority_steps))
     now = time.time() if now is None else now
@@ -110,7 +115,7 @@ def queue_depths(
         age[queue] = None if first is None else max(0.0, now - first)
 
     in_flight = dict.fromkeys(names, 0)
-    for _, raw in client.hscan_iter(keyprefix + unacked_key, count=500):
+    for _, raw in client.hscan_iter(keyprefix + unacked_key, count=500) if count_in_flight else ():
         routing_key = _routing_key(raw)
         if routing_key in in_flight:
             in_flight[routing_key] += 1

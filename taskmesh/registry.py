@@ -72,6 +72,7 @@ class Capacity:
     gpu_memory_mib: int | None
     compute_capability: tuple[int, int] | None
     cpu_threads: int | None
+    memory_total_mib: int | None
     gpus: tuple[GpuRecord, ...]
 
 
@@ -129,13 +130,17 @@ class Registry:
         self.client.delete(INFLIGHT + key)
 
     def capacity(self, now: float | None = None) -> Capacity:
-        records = self.workers(now)
-        gpus = tuple(g for r in records for g in r.gpus)
+        return self.summarise(self.workers(now))
+
+    @staticmethod
+    def summarise(records: list[WorkerRecord]) -> Capacity:
+        gpus = tuple({g.uuid: g for r in records for g in r.gpus}.values())
         return Capacity(
             workers=len(records),
             gpu_memory_mib=max((g.memory_total_mib for g in gpus), default=None),
             compute_capability=max((g.compute_capability for g in gpus), default=None),
             cpu_threads=max((r.cpu_threads for r in records), default=None),
+            memory_total_mib=max((r.memory_total_mib for r in records), default=None),
             gpus=gpus,
         )
 

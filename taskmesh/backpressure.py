@@ -1,0 +1,161 @@
+"""Decisions at submit time: refuse what can never run, push back when a queue is full,
+send GPU work where it fits, and take a fallback when the preferred queue is saturated.
+
+Everything here runs in the producer, inside ``TaskmeshTask.apply_async``, before a
+message exists, so a refusal leaves the broker exactly as it was. Tasks that declare
+no GPU, no fallback and go to a queue without ``max_depth`` take a fast path with no
+Redis round trip. What the fleet has is read from the worker registry, cached for two
+seconds: a producer does not need it fresher than workers announce it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .depth import queue_depths
+from .errors import InfeasibleRequirement, QueueFull
+from .gate import fits, need_queue
+from .ledger import Ledger, gpu_pool
+from .profiles import Profile
+from .registry import Capacity, Registry, WorkerRecord
+from .requirements import Requirement
+from .sizes import format_mib
+
+log = logging.getLogger(__name__)
+FALLBACK_HEADER = "taskmesh_fallback_from"
+REGISTRY_CACHE_S = 2.0
+
+
+def queue_name(queue: Any) -> str:
+    return queue if isinstance(queue, str) else queue.name
+
+
+def family(queue: str) -> str:
+    """The profile queue a queue belongs to (``gpu.40960MiB`` belongs to ``gpu``)."""
+    return queue.split(".", 1)[0] if queue.startswith("gpu.") else queue
+
+
+class SubmitPolicy:
+    """One per app; holds the registry cache."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.config = app.taskmesh_config
+        self.registry = Registry(app.redis(), memory_s=self.config.admission.registry_memory_s,
+                                 alive_s=self.config.admission.reservation_ttl_s)
+        self._cached: tuple[float, list[WorkerRecord]] = (0.0, [])
+        self._registered: set[str] = set()
+        self._warned: set[str] = set()
+
+    def workers(self) -> list[WorkerRecord]:
+        at, records = self._cached
+        if time.monotonic() - at > REGISTRY_CACHE_S:
+            records = self.registry.workers()
+            self._cached = (time.monotonic(), records)
+        return records
+
+    def prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any]) -> None:
+        """Adjust *options* (queue, headers) or raise; nothing has been sent yet."""
+        explicit = options.get("queue") is not None
+        queue = queue_name(options["queue"]) if explicit else requirement.profile.queue
+        if requirement.needs_gpu or requirement.cpu_threads > 1 or requirement.memory_mib:
+            queue = self._place(task_name, requirement, queue, explicit)
+        if requirement.fallback is not None and not explicit and self._saturated(requirement, queue):
+            options.setdefault("headers", {})[FALLBACK_HEADER] = queue
+            queue = requirement.fallback.queue
+            log.info("%s: %s is saturated; sent to its fallback %s", task_name, family(queue), queue)
+        max_depth = self.config.queue(family(queue)).max_depth
+        if max_depth:
+            self._wait_for_room(task_name, queue, max_depth)
+        if queue != (queue_name(options["queue"]) if explicit else requirement.profile.queue):
+            options["queue"] = queue
+
+    def _place(self, task_name: str, requirement: Requirement, queue: str, explicit: bool) -> str:
+        capacity = Registry.summarise(self.workers())
+        problem = infeasible(requirement, capacity, self.config.admission.safety_margin_mib)
+        if problem:
+            message = f"task {task_name!r} can never run: {problem}; nothing was sent"
+            if self.config.admission.on_infeasible == "raise":
+                raise InfeasibleRequirement(
+                    message + " (set admission.on_infeasible: warn to queue it anyway)"
+                )
+            log.warning("%s; queued anyway (admission.on_infeasible: warn)", message.rsplit(";", 1)[0])
+            return queue
+        if not requirement.needs_gpu or requirement.profile is not Profile.GPU_INTENSIVE:
+            return queue
+        if not capacity.gpus:
+            if task_name not in self._warned:
+                self._warned.add(task_name)
+                log.warning("%s: no GPU worker has registered yet; queued on %s unchecked", task_name, queue)
+            return queue
+        margin = self.config.admission.safety_margin_mib
+        if explicit or all(fits(g, requirement, margin) for g in capacity.gpus):
+            return queue
+        name = need_queue(requirement)
+        if name not in self._registered:
+            self.registry.register_need_queue(name, requirement.vram_mib, requirement.min_compute_capability)
+            self._registered.add(name)
+        return name
+
+    def _saturated(self, requirement: Requirement, queue: str) -> bool:
+        """Deeper than ``fallback_depth`` and no live GPU can take the task now."""
+        waiting = self._waiting([queue])
+        if waiting <= self.config.queue(family(queue)).fallback_depth:
+            return False
+        margin = self.config.admission.safety_margin_mib
+        live = [g for r in self.workers() if self.registry.is_alive(r) for g in r.gpus
+                if g.healthy and fits(g, requirement, margin)]
+        if not live:
+            return True
+        used = Ledger(self.app.redis()).used([gpu_pool(g.uuid) for g in live])
+        need = requirement.vram_mib or 0
+        return not any(used[gpu_pool(g.uuid)] + need <= g.memory_total_mib - margin for g in live)
+
+    def _waiting(self, queues: list[str]) -> int:
+        if "gpu" in queues:
+            queues = queues + list(self.registry.need_queues())
+        options = self.app.conf.broker_transport_options or {}
+        depths = queue_depths(
+            self.app.redis(), queues, priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
+            keyprefix=options.get("global_keyprefix", ""), count_in_flight=False,
+        )
+        return sum(d.waiting for d in depths.values())
+
+    def _wait_for_room(self, task_name: str, queue: str, max_depth: int) -> None:
+        deadline = time.monotonic() + self.config.admission.queue_full_wait_s
+        while (waiting := self._waiting([family(queue)])) >= max_depth:
+            if time.monotonic() >= deadline:
+                raise QueueFull(
+                    f"queue {family(queue)!r} has {waiting} tasks waiting, its max_depth "
+                    f"(queues.{family(queue)}.max_depth in {self.config.source}); {task_name!r} was not sent. "
+                    "Retry later, raise max_depth, or set admission.queue_full_wait_s to wait for room"
+                )
+            time.sleep(0.05)
+
+
+def infeasible(requirement: Requirement, capacity: Capacity, margin_mib: int) -> str | None:
+    """What no hardware seen recently can ever give, or ``None``; silent on kinds never seen."""
+    if requirement.needs_gpu and requirement.profile is Profile.GPU_INTENSIVE and capacity.gpus:
+        if not any(fits(g, requirement, margin_mib) for g in capacity.gpus):
+            asked = []
+            if requirement.vram_mib:
+                asked.append(f"vram={format_mib(requirement.vram_mib)}")
+            if requirement.min_compute_capability:
+                asked.append("min_compute_capability={}.{}".format(*requirement.min_compute_capability))
+            largest = max(capacity.gpus, key=lambda g: g.memory_total_mib)
+            newest = max(capacity.gpus, key=lambda g: g.compute_capability)
+            return (
+                f"asked for {' and '.join(asked)}; the largest GPU seen has {format_mib(largest.memory_total_mib)} "
+                f"({format_mib(largest.memory_total_mib - margin_mib)} after the safety margin), the highest "
+                "compute capability seen is {}.{}".format(*newest.compute_capability)
+            )
+    if capacity.cpu_threads is not None and requirement.cpu_threads > capacity.cpu_threads:
+        return f"asked for cpu_threads={requirement.cpu_threads}; the largest host seen has {capacity.cpu_threads}"
+    if capacity.memory_total_mib is not None and (requirement.memory_mib or 0) > capacity.memory_total_mib:
+        return (
+            f"asked for memory={format_mib(requirement.memory_mib or 0)}; the largest host seen has "
+            f"{format_mib(capacity.memory_total_mib)}"
+        )
+    return None
