@@ -63,6 +63,7 @@ class SubmitPolicy:
         if requirement.needs_gpu or requirement.cpu_threads > 1 or requirement.memory_mib:
             queue = self._place(task_name, requirement, queue, explicit)
         if requirement.fallback is not None and not explicit and self._saturated(requirement, queue):
+            self.registry.count("fallbacks")
             options.setdefault("headers", {})[FALLBACK_HEADER] = queue
             queue = requirement.fallback.queue
             log.info("%s: %s is saturated; sent to its fallback %s", task_name, family(queue), queue)
@@ -76,6 +77,7 @@ class SubmitPolicy:
         capacity = Registry.summarise(self.workers())
         problem = infeasible(requirement, capacity, self.config.admission.safety_margin_mib)
         if problem:
+            self.registry.count("infeasible")
             message = f"task {task_name!r} can never run: {problem}; nothing was sent"
             if self.config.admission.on_infeasible == "raise":
                 raise InfeasibleRequirement(
@@ -127,6 +129,7 @@ class SubmitPolicy:
         deadline = time.monotonic() + self.config.admission.queue_full_wait_s
         while (waiting := self._waiting([family(queue)])) >= max_depth:
             if time.monotonic() >= deadline:
+                self.registry.count("queue_full")
                 raise QueueFull(
                     f"queue {family(queue)!r} has {waiting} tasks waiting, its max_depth "
                     f"(queues.{family(queue)}.max_depth in {self.config.source}); {task_name!r} was not sent. "

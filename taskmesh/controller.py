@@ -53,6 +53,8 @@ class AdmissionController:
         self.reasons: dict[str, str] = {}  # why intake is paused: kind → detail
         self.paused_queues: list[str] = []
         self.counters = collections.Counter()
+        self._flushed = collections.Counter()  # counters already added to the fleet totals
+        self.on_gpu: dict[str, dict[str, Any]] = {}  # uuid → running tasks, tasks done, idle since
         self.subscribed: set[str] = set()
         self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
         self._last_event = 0.0
@@ -89,6 +91,9 @@ class AdmissionController:
         message.headers[GPUS_HEADER] = list(decision.gpus)
         with self.lock:
             self.reservations[task_id] = (decision, time.monotonic())
+            for uuid in decision.gpus:
+                gpu = self._gpu_activity(uuid)
+                gpu["running"][task_id] = {"task": message.headers.get("task"), "started": time.time()}
         self.counters["admitted"] += 1
         held.proceed()
         return True
@@ -124,11 +129,20 @@ class AdmissionController:
         with self.lock:
             entry = self.reservations.pop(task_id, None)
             self.tags.pop(task_id, None)
+            for uuid in entry[0].gpus if entry else ():
+                gpu = self._gpu_activity(uuid)
+                gpu["running"].pop(task_id, None)
+                gpu["done"] += 1
+                if not gpu["running"]:
+                    gpu["idle_since"] = time.time()
         if entry is not None:
             self.gate.ledger.release(entry[0].reservation, entry[0].pools)
             self.counters["released"] += 1
             if self.held:
                 self.consumer.call_soon(self.retry_held)
+
+    def _gpu_activity(self, uuid: str) -> dict[str, Any]:
+        return self.on_gpu.setdefault(uuid, {"running": {}, "done": 0, "idle_since": time.time()})
 
     def retry_held(self) -> None:
         while self.held and not self._blocked():
@@ -219,7 +233,10 @@ class AdmissionController:
         with self.lock:
             tags = list(self.tags.values())
             reservations = [adm.reservation for adm, _ in self.reservations.values()]
-        self.registry.announce(self.record(), tags)
+        counters = dict(self.counters)
+        deltas = {k: v - self._flushed[k] for k, v in counters.items() if k != "ticks"}
+        self.registry.announce(self.record(), tags, state=self.state(), counters=deltas)
+        self._flushed.update(deltas)
         self.gate.ledger.refresh(reservations, self.gate.pools())
         from .admission import reclaim_dead_workers
 
@@ -254,6 +271,8 @@ class AdmissionController:
     def state(self) -> dict[str, Any]:
         pools = self.gate.pools()
         used = self.gate.ledger.used(pools)
+        with self.lock:
+            activity = {uuid: {**a, "running": dict(a["running"])} for uuid, a in self.on_gpu.items()}
         gpus = [
             {
                 "index": g.index,
@@ -263,11 +282,19 @@ class AdmissionController:
                 "memory_reserved_mib": used.get(f"gpu:{g.uuid}", 0),
                 "memory_free_observed_mib": g.memory_free_mib,
                 "healthy": g.healthy,
+                "utilization_percent": g.utilization_percent,
+                "temperature_c": g.temperature_c,
+                "power_w": g.power_w,
+                "running": [{"id": tid, **info} for tid, info in activity.get(g.uuid, {}).get("running", {}).items()],
+                "tasks_done": activity.get(g.uuid, {}).get("done", 0),
+                "idle_since": activity.get(g.uuid, {}).get("idle_since"),
             }
             for g in self.gate.known.values()
         ]
         host = self.gate.host
         return {
+            "node": self.node,
+            "queues": list(self.record().queues),
             "gpus": gpus,
             "host": {
                 "cpu_threads": self.gate.cpu_threads,

@@ -40,6 +40,9 @@ class GpuInfo:
     compute_capability: tuple[int, int]
     healthy: bool = True
     simulated: bool = False
+    utilization_percent: float | None = None  # telemetry, where the provider has it
+    temperature_c: float | None = None
+    power_w: float | None = None
 
     @property
     def memory_free_mib(self) -> int:
@@ -198,11 +201,18 @@ class NvmlProvider:
             self._nvml = None
             return
         self._nvml = pynvml
+        self._xid_failed: set[str] = set()
+        self._events = _optional(pynvml.nvmlEventSetCreate)
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            if self._events is not None:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                _optional(pynvml.nvmlDeviceRegisterEvents, handle, pynvml.nvmlEventTypeXidCriticalError, self._events)
 
     def snapshot(self) -> tuple[GpuInfo, ...]:
         nvml = self._nvml
         if nvml is None:
             return ()
+        self._poll_xid()
         gpus = []
         for index in range(nvml.nvmlDeviceGetCount()):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -211,7 +221,6 @@ class NvmlProvider:
             try:
                 memory = nvml.nvmlDeviceGetMemoryInfo(handle)
                 cc = nvml.nvmlDeviceGetCudaComputeCapability(handle)
-                healthy = True
             except nvml.NVMLError as exc:
                 log.warning("GPU %s (%s) does not answer NVML: %s", index, gpu_uuid, exc)
                 gpus.append(GpuInfo(index, _text(gpu_uuid), _text(name), 0, 0, (0, 0), healthy=False))
@@ -224,10 +233,33 @@ class NvmlProvider:
                     memory_total_mib=memory.total // 2**20,
                     memory_used_mib=memory.used // 2**20,
                     compute_capability=(int(cc[0]), int(cc[1])),
-                    healthy=healthy,
+                    healthy=_text(gpu_uuid) not in self._xid_failed,
+                    utilization_percent=getattr(_optional(nvml.nvmlDeviceGetUtilizationRates, handle), "gpu", None),
+                    temperature_c=_optional(nvml.nvmlDeviceGetTemperature, handle, 0),
+                    power_w=(_optional(nvml.nvmlDeviceGetPowerUsage, handle) or 0) / 1000 or None,
                 )
             )
         return tuple(gpus)
+
+    def _poll_xid(self) -> None:
+        """Drain critical Xid events (non-blocking); a GPU that reported one stays unhealthy."""
+        nvml = self._nvml
+        while self._events is not None:
+            try:
+                event = nvml.nvmlEventSetWait_v2(self._events, 0)
+            except nvml.NVMLError:
+                return
+            gpu_uuid = _text(nvml.nvmlDeviceGetUUID(event.device))
+            log.error("GPU %s reported critical Xid %s; it takes no more work", gpu_uuid, event.eventData)
+            self._xid_failed.add(gpu_uuid)
+
+
+def _optional(read: Any, *args: Any) -> Any:
+    """An NVML reading that some GPUs do not support (power on some boards, events in containers)."""
+    try:
+        return read(*args)
+    except Exception:
+        return None
 
 
 def _text(value: str | bytes) -> str:

@@ -22,6 +22,8 @@ from typing import Any
 import redis
 
 WORKERS = "taskmesh:workers"
+STATES = "taskmesh:worker-state"  # node → the admission controller's state (what stats shows)
+COUNTERS = "taskmesh:counters"  # fleet-wide totals: admitted, pauses, queue_full, infeasible, ...
 INFLIGHT = "taskmesh:inflight:"
 NEED_QUEUES = "taskmesh:need-queues"
 
@@ -82,11 +84,22 @@ class Registry:
         self.alive_s = alive_s
         self.memory_s = memory_s
 
-    def announce(self, record: WorkerRecord, inflight: Iterable[str] = ()) -> None:
-        """Say this worker is alive now, and which delivery tags it holds."""
+    def announce(
+        self,
+        record: WorkerRecord,
+        inflight: Iterable[str] = (),
+        state: dict[str, Any] | None = None,
+        counters: dict[str, int] | None = None,
+    ) -> None:
+        """Say this worker is alive now, which delivery tags it holds, its state and new counts."""
         record = dataclasses.replace(record, last_seen=time.time(), stopped=False)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(WORKERS, record.key, record.to_json())
+        if state is not None:
+            pipe.hset(STATES, record.node, json.dumps({**state, "updated": record.last_seen}))
+        for name, delta in (counters or {}).items():
+            if delta:
+                pipe.hincrby(COUNTERS, name, delta)
         pipe.delete(INFLIGHT + record.key)
         tags = list(inflight)
         if tags:
@@ -153,3 +166,13 @@ class Registry:
             data = json.loads(raw)
             out[name.decode()] = (data["vram_mib"], tuple(data["cc"]) if data["cc"] else None)
         return out
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Node → the last state its admission controller announced."""
+        return {node.decode(): json.loads(raw) for node, raw in self.client.hgetall(STATES).items()}
+
+    def count(self, name: str, delta: int = 1) -> None:
+        self.client.hincrby(COUNTERS, name, delta)
+
+    def counters(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(COUNTERS).items()}
