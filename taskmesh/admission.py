@@ -141,6 +141,7 @@ class AdmissionStep(bootsteps.StartStopStep):
             self.heartbeat = threading.Thread(target=self._beat, name="taskmesh-heartbeat", daemon=True)
             self.heartbeat.start()
         c.taskmesh_admission = self.controller
+        self.controller.check()  # a sick GPU or a host under pressure takes nothing, from the start
         self.timer_entry = c.timer.call_repeatedly(TICK_S, self.controller.tick)
 
     def _beat(self) -> None:

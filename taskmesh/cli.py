@@ -80,9 +80,36 @@ def worker(ctx: click.Context, profile: str, gpu_pool: str | None, dry_run: bool
             proc = supervisor.add(ProcessSpec(spec.group, spec.argv(path, loglevel), spec.environ()))
             click.echo(f"taskmesh: started {spec.nodename} ({spec.pool} x{spec.concurrency}) pid {proc.pid}",
                        err=True)
-        supervisor.wait()
+        watch_gpus = group in ("gpu", "all")
+        supervise(supervisor, app, path, loglevel, gpu_pool, {s.group for s in specs} if watch_gpus else None)
     finally:
         supervisor.stop()
+
+
+GPU_WATCH_S = 5.0
+
+
+def supervise(supervisor: Any, app: Any, path: str, loglevel: str, gpu_pool: str | None,
+              gpu_groups: set[str] | None, env: dict[str, str] | None = None) -> None:
+    """Supervise until a signal; with *gpu_groups*, start a worker group for each GPU that appears."""
+    from .gpu import provider_from_env
+    from .supervisor import ProcessSpec
+
+    while not supervisor.stopping:
+        supervisor.wait(timeout=GPU_WATCH_S)
+        if gpu_groups is None or supervisor.stopping:
+            continue
+        config = app.taskmesh_config
+        try:
+            inventory = detect(config, provider_from_env(config.simulate_gpus, control=app.redis()))
+        except Exception as exc:  # a broker that is down must not stop supervision
+            click.echo(f"taskmesh: could not look for new GPUs: {exc}", err=True)
+            continue
+        for spec in plan_workers(config, inventory, "all", app.tasks.values(), gpu_pool):
+            if spec.queue == "gpu" and spec.group not in gpu_groups:
+                gpu_groups.add(spec.group)
+                proc = supervisor.add(ProcessSpec(spec.group, spec.argv(path, loglevel), spec.environ(env)))
+                click.echo(f"taskmesh: new GPU found; started {spec.nodename} pid {proc.pid}", err=True)
 
 
 @click.command()
@@ -139,7 +166,8 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
                 click.echo(json.dumps(summary))
         else:
             click.echo("taskmesh: up; Ctrl-C stops everything", err=True)
-            stack.supervisor.wait()
+            groups = {name.split("@", 1)[0] for name in stack.nodenames}
+            supervise(stack.supervisor, app, path, options.loglevel, gpu_pool, groups, stack.env)
     finally:
         stack.stop()
 

@@ -185,6 +185,13 @@ class AdmissionController:
 
     def tick(self) -> None:
         """Every half second on the event loop: health, pressure, the held line, leftovers."""
+        self.check()
+        self.retry_held()
+        self._reconcile()
+        self._maybe_send_event()
+
+    def check(self) -> None:
+        """GPU health on GPU workers, host pressure on CPU workers; pauses or resumes intake."""
         if self.gate.known:
             unhealthy = [g for g in self.gate.gpus() if not g.healthy]
             if unhealthy and len(unhealthy) == len(self.gate.known):
@@ -200,9 +207,7 @@ class AdmissionController:
                 self.reasons["pressure"] = pressure
             else:
                 self.reasons.pop("pressure", None)
-        self.retry_held()
-        self._reconcile()
-        self._maybe_send_event()
+        self._update_intake()
 
     def _reconcile(self) -> None:
         live = {request.id for request in worker_state.reserved_requests}

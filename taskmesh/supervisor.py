@@ -130,9 +130,10 @@ class Supervisor:
     def stopping(self) -> bool:
         return self._stopping
 
-    def wait(self, until: Callable[[], bool] | None = None, interval: float = 0.2) -> None:
-        """Supervise until a signal arrives or *until()* is true."""
-        while not self._stopping and not (until and until()):
+    def wait(self, timeout: float | None = None, interval: float = 0.2) -> None:
+        """Supervise until a signal arrives (or *timeout* seconds pass)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stopping and (deadline is None or time.monotonic() < deadline):
             self.poll()
             time.sleep(interval)
 

@@ -171,3 +171,31 @@ def test_admission_state_is_sent_as_worker_events_flower_receives(gpu_app, proce
                 break
     event = next(e for e in seen if e["hostname"] == node)
     assert event["taskmesh"]["gpus"][0]["memory_total_mib"] == 24 * GIB
+
+
+def test_a_gpu_added_at_run_time_gets_its_own_worker_group(gpu_app, broker, processes):
+    start_gpus(processes, gpu_app.app, "1x24GiB")
+    SimulationControl(broker).add("1x48GiB")
+    new_uuid = SimulatedProvider("1x24GiB;1x48GiB").snapshot()[1].uuid
+    wait_for_workers(gpu_app.app, [f"gpu1@{HOST}"], timeout=60)
+    ran = gpu_app.forty_gib.delay(0.1).get(timeout=60)
+    assert tuple(ran["gpu_uuids"]) == (new_uuid,)
+
+
+def test_a_cpu_worker_pauses_intake_under_host_pressure_and_loses_nothing(gpu_app, broker, processes, tmp_path):
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("admission:\n  max_memory_percent: 0.1\n")
+    results = [gpu_app.crunch.delay(0.1, label=i) for i in range(3)]
+    strict_worker = processes.taskmesh("--hardware", str(strict), "-A", APP, "worker", "--profile", "cpu_intensive")
+    node = f"cpu@{HOST}"
+    wait_for_workers(gpu_app.app, [node])
+    deadline = time.monotonic() + 20
+    while not stats(gpu_app.app, node)["paused"]:
+        assert time.monotonic() < deadline, "never paused"
+        time.sleep(0.2)
+    assert "host memory" in stats(gpu_app.app, node)["reasons"]["pressure"]
+    time.sleep(1.0)
+    assert not any(r.ready() for r in results)  # checked before the first message is taken
+    processes.stop(strict_worker)
+    processes.taskmesh("-A", APP, "worker", "--profile", "cpu_intensive")
+    assert sorted(r.get(timeout=60)["label"] for r in results) == [0, 1, 2]
