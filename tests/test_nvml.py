@@ -1,0 +1,27 @@
+"""The NVML provider: on a real GPU (``-m gpu`` on a lent GPU machine) and without one."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskmesh import NvmlProvider
+
+PROVIDER = NvmlProvider()
+NO_GPU = PROVIDER.unavailable_reason or ("" if PROVIDER.snapshot() else "NVML found no GPU")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_without_a_driver_the_provider_reports_no_gpu_and_says_why():
+    assert PROVIDER.snapshot() == ()
+    assert "NVML" in NO_GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(NO_GPU), reason=f"no GPU here: {NO_GPU}")
+def test_real_gpus_are_keyed_by_uuid_with_memory_and_compute_capability():
+    gpus = PROVIDER.snapshot()
+    assert gpus and all(g.uuid.startswith(("GPU-", "MIG-")) for g in gpus)
+    assert len({g.uuid for g in gpus}) == len(gpus)
+    for gpu in gpus:
+        assert gpu.memory_total_mib > 1024 and 0 <= gpu.memory_used_mib <= gpu.memory_total_mib
+        assert gpu.compute_capability >= (3, 0) and gpu.healthy
