@@ -33,6 +33,7 @@ from typing import Any
 import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
+from celery.worker.control import control_command
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
@@ -193,3 +194,34 @@ def reclaim_dead_workers(app: Any, registry: Registry, client: redis.Redis) -> i
     finally:
         client.delete("taskmesh:janitor")
     return restored
+
+
+@control_command(args=[("queue", str)], signature="[QUEUE]")
+def taskmesh_assist(state: Any, queue: str | None = None, **_: Any) -> dict[str, str]:
+    """Serve *queue* besides the worker's own queues (none: stop assisting).
+
+    The rebalancer's way to move a mixed worker's consumer. It goes through the
+    admission controller rather than bare ``add_consumer``/``cancel_consumer``
+    so that a queue added while admission has paused intake stays paused.
+    """
+    controller = getattr(state.consumer, "taskmesh_admission", None)
+    if controller is None:
+        return {"error": "this worker has no taskmesh admission step"}
+    state.consumer.call_soon(controller.set_assist, queue or None)
+    return {"ok": f"assisting {queue or 'nothing'}"}
+
+
+@control_command(args=[("n", int)], signature="N")
+def taskmesh_resize(state: Any, n: int = 0, **_: Any) -> dict[str, str]:
+    """Grow (n > 0) or shrink (n < 0) the pool, as ``pool_grow``/``pool_shrink`` do,
+    and record the change with its time so the thread budget can be audited."""
+    controller = getattr(state.consumer, "taskmesh_admission", None)
+    if controller is None:
+        return {"error": "this worker has no taskmesh admission step"}
+    if state.consumer.controller.autoscaler:
+        return {"error": "the pool is autoscaled; adjust --autoscale instead"}
+    try:
+        size = controller.resize(int(n))
+    except ValueError as exc:  # billiard: cannot shrink busy processes
+        return {"error": str(exc)}
+    return {"ok": f"pool size {size}"}

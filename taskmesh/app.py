@@ -162,7 +162,32 @@ def create_app(
     app.conf.update(celery_conf)
     app.on_after_finalize.connect(_derive_visibility_timeout, weak=False)
     app.steps["consumer"].add("taskmesh.admission:AdmissionStep")
+    _schedule_rebalance(app)
     return app
+
+
+def _schedule_rebalance(app: TaskmeshCelery) -> None:
+    """Register ``taskmesh.rebalance`` and run it on beat, at CRITICAL priority on gevent.
+
+    ``expires`` drops a run that waited longer than one interval: the next one
+    sees a fresher system anyway.
+    """
+    interval = app.taskmesh_config.rebalance.interval_s
+
+    @app.task(name="taskmesh.rebalance", profile="io", shared=False, ignore_result=True, time_limit=60)
+    def rebalance() -> dict[str, Any]:
+        from .rebalance import rebalance as run
+
+        return run(app)
+
+    schedule = {
+        "taskmesh-rebalance": {
+            "task": "taskmesh.rebalance",
+            "schedule": interval,
+            "options": {"priority": int(Priority.CRITICAL), "expires": interval},
+        }
+    }
+    app.conf.beat_schedule = {**schedule, **(app.conf.beat_schedule or {})}
 
 
 def _derive_visibility_timeout(sender: TaskmeshCelery, **_: Any) -> None:

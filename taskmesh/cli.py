@@ -195,7 +195,19 @@ def doctor(ctx: click.Context) -> None:
         click.echo(f"worker {spec.nodename}: {spec.queue} {spec.pool} x{spec.concurrency}")
 
 
-COMMANDS = (worker, up, doctor)
+@click.command()
+@click.pass_context
+def rebalance(ctx: click.Context) -> None:
+    """Run one rebalance now (beat runs it every interval) and print what it decided, as JSON."""
+    from .rebalance import rebalance as run
+
+    path = app_path(ctx)
+    if not path:
+        raise click.UsageError("rebalance needs the app: taskmesh -A myapp.tasks rebalance")
+    click.echo(json.dumps(run(load_app(path)), indent=2))
+
+
+COMMANDS = (worker, up, doctor, rebalance)
 
 
 @click.group()

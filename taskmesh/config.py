@@ -37,6 +37,17 @@ class QueueConfig:
     concurrency: int | None = None
     pool: str | None = None
     fallback_depth: int = 0  # a queue is saturated for fallback when deeper than this and nothing admits
+    alert_depth: int | None = None  # alert when more than this many tasks wait
+    alert_age_s: float | None = None  # alert when the oldest waiting task is older than this
+    max_concurrency: int | None = None  # the rebalancer may grow the pool up to this (gevent: 4x by default)
+
+
+@dataclasses.dataclass(frozen=True)
+class RebalanceConfig:
+    interval_s: float = 5.0  # how often beat runs taskmesh.rebalance
+    mixed_home: str | None = "gpu"  # what mixed workers serve when no queue needs them more
+    hysteresis: float = 1.5  # a mixed worker moves only for this many times more expected work
+    target_drain_s: float = 60.0  # scaling hints: replicas to drain what waits within this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +90,7 @@ class Config:
     )
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     admission: AdmissionConfig = AdmissionConfig()
+    rebalance: RebalanceConfig = RebalanceConfig()
 
     def queue(self, name: str) -> QueueConfig:
         return self.queues.get(name, QueueConfig())
@@ -165,7 +177,31 @@ def _infeasible(value: Any) -> str:
 
 
 _Schema = Mapping[str, "Callable[[Any], Any] | _Schema"]
-_QUEUE_SCHEMA = {"max_depth": _optional_int, "concurrency": _optional_int, "pool": _pool, "fallback_depth": _count}
+_QUEUE_SCHEMA = {
+    "max_depth": _optional_int,
+    "concurrency": _optional_int,
+    "pool": _pool,
+    "fallback_depth": _count,
+    "alert_depth": _optional_int,
+    "alert_age_s": _seconds,
+    "max_concurrency": _optional_int,
+}
+
+
+def _home(value: Any) -> str | None:
+    if value in (None, "none"):
+        return None
+    if value not in ("gpu", "cpu_intensive", "cpu_light"):
+        raise ValueError(f"{value!r} is not a queue mixed workers can serve; use gpu, cpu_intensive, cpu_light or none")
+    return value
+
+
+_REBALANCE_SCHEMA = {
+    "interval_s": _positive_number,
+    "mixed_home": _home,
+    "hysteresis": _positive_number,
+    "target_drain_s": _positive_number,
+}
 _ADMISSION_SCHEMA = {
     "reservation_ttl_s": _seconds,
     "safety_margin": _mib,
@@ -198,6 +234,7 @@ SCHEMA: _Schema = {
     "queues": {q: _QUEUE_SCHEMA for q in QUEUES},
     "tasks": {"*": {option: (lambda v: v) for option in REQUIREMENT_OPTIONS + ("priority",)}},
     "admission": _ADMISSION_SCHEMA,
+    "rebalance": _REBALANCE_SCHEMA,
 }
 
 #: environment variable → (dotted key, converter); applied over the file.
@@ -210,6 +247,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_DEFAULT_PROFILE": ("default_profile", _profile),
     "TASKMESH_RESERVATION_TTL_S": ("admission.reservation_ttl_s", _seconds),
     "TASKMESH_ON_INFEASIBLE": ("admission.on_infeasible", _infeasible),
+    "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _positive_number),
 }
 
 
@@ -327,4 +365,5 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
         queues=queues,
         tasks=data.get("tasks", {}),
         admission=AdmissionConfig(**admission),
+        rebalance=RebalanceConfig(**data.get("rebalance", {})),
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
@@ -31,6 +32,16 @@ RECONCILE_AFTER_S = 2.0
 EVENT_EVERY_S = 5.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """An admitted task: what it holds, and what is needed to learn its run time."""
+
+    admitted: Admitted
+    since: float  # monotonic, when handed to the pool
+    queue: str | None
+    task: str | None
+
+
 @dataclasses.dataclass
 class Held:
     message: Any
@@ -48,15 +59,19 @@ class AdmissionController:
         self.node = consumer.hostname
         self.lock = threading.Lock()
         self.held: collections.deque[Held] = collections.deque()
-        self.reservations: dict[str, tuple[Admitted, float]] = {}
+        self.reservations: dict[str, Running] = {}
         self.tags: dict[str, str] = {}  # task id → delivery tag of messages this worker holds
         self.reasons: dict[str, str] = {}  # why intake is paused: kind → detail
         self.paused_queues: list[str] = []
         self.counters = collections.Counter()
         self._flushed = collections.Counter()  # counters already added to the fleet totals
         self.on_gpu: dict[str, dict[str, Any]] = {}  # uuid → running tasks, tasks done, idle since
+        self.assist: str | None = None  # the extra queue the rebalancer asked this worker to serve
+        self.runtimes: collections.Counter[str] = collections.Counter()  # "q:<queue>:sum"/":count", "t:<task>:..."
         self.subscribed: set[str] = set()
         self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
+        self._announced_pool_size: int | None = None
+        self.pool_history: list[tuple[float, int]] = []  # (time, size) after each resize
         self._last_event = 0.0
         self._last_state: Any = None
 
@@ -89,8 +104,9 @@ class AdmissionController:
             self._reroute(message, decision.queue, held.requirement)
             return True
         message.headers[GPUS_HEADER] = list(decision.gpus)
+        queue = (message.delivery_info or {}).get("routing_key")
         with self.lock:
-            self.reservations[task_id] = (decision, time.monotonic())
+            self.reservations[task_id] = Running(decision, time.monotonic(), queue, message.headers.get("task"))
             for uuid in decision.gpus:
                 gpu = self._gpu_activity(uuid)
                 gpu["running"][task_id] = {"task": message.headers.get("task"), "started": time.time()}
@@ -129,17 +145,58 @@ class AdmissionController:
         with self.lock:
             entry = self.reservations.pop(task_id, None)
             self.tags.pop(task_id, None)
-            for uuid in entry[0].gpus if entry else ():
+            for uuid in entry.admitted.gpus if entry else ():
                 gpu = self._gpu_activity(uuid)
                 gpu["running"].pop(task_id, None)
                 gpu["done"] += 1
                 if not gpu["running"]:
                     gpu["idle_since"] = time.time()
         if entry is not None:
-            self.gate.ledger.release(entry[0].reservation, entry[0].pools)
+            self.gate.ledger.release(entry.admitted.reservation, entry.admitted.pools)
             self.counters["released"] += 1
+            self._observe_runtime(entry)
             if self.held:
                 self.consumer.call_soon(self.retry_held)
+
+    def _observe_runtime(self, entry: Running) -> None:
+        """Learned run times (per queue and per task), for the rebalancer's expected work.
+
+        Measured here, from hand-over to the pool until the request ends, because
+        Celery's own ``time_start`` is wall-clock in prefork and monotonic elsewhere.
+        """
+        seconds = time.monotonic() - entry.since
+        with self.lock:
+            for key in (f"q:{entry.queue}", f"t:{entry.task}"):
+                self.runtimes[f"{key}:sum"] += seconds
+                self.runtimes[f"{key}:count"] += 1
+
+    def set_assist(self, queue: str | None) -> None:
+        """Serve *queue* besides this worker's own (``None``: only its own), honouring a pause."""
+        old, self.assist = self.assist, queue
+        if old == queue:
+            return
+        if self.paused_queues:
+            self.paused_queues = [q for q in self.paused_queues if q != old] + ([queue] if queue else [])
+            return
+        if old:
+            self.consumer.cancel_task_queue(old)
+        if queue:
+            self.consumer.add_task_queue(queue)
+        log.info("rebalancer: now also serving %s (was %s)", queue, old)
+
+    def resize(self, delta: int) -> int:
+        """Grow or shrink the pool by *delta* (remote control thread); returns the new size."""
+        pool = self.consumer.pool
+        if delta > 0:
+            pool.grow(delta)
+        elif delta < 0:
+            pool.shrink(-delta)
+        self.consumer._update_prefetch_count(delta)
+        size = pool.num_processes
+        self.pool_history.append((time.time(), size))
+        del self.pool_history[:-20]
+        self.changed.set()
+        return size
 
     def _gpu_activity(self, uuid: str) -> dict[str, Any]:
         return self.on_gpu.setdefault(uuid, {"running": {}, "done": 0, "idle_since": time.time()})
@@ -185,6 +242,8 @@ class AdmissionController:
 
     def tick(self) -> None:
         """Every half second on the event loop: health, pressure, the held line, leftovers."""
+        if self.consumer.pool.num_processes != self._announced_pool_size:
+            self.changed.set()  # a resized pool is announced now, not at the next heartbeat
         self.check()
         self.retry_held()
         self._reconcile()
@@ -213,7 +272,7 @@ class AdmissionController:
         live = {request.id for request in worker_state.reserved_requests}
         cutoff = time.monotonic() - RECONCILE_AFTER_S
         with self.lock:
-            stale = [tid for tid, (_, at) in self.reservations.items() if at < cutoff and tid not in live]
+            stale = [tid for tid, run in self.reservations.items() if run.since < cutoff and tid not in live]
         for task_id in stale:
             self.finished(task_id)
 
@@ -237,10 +296,14 @@ class AdmissionController:
         """From the heartbeat thread: registry, reservation refresh, dead workers' messages."""
         with self.lock:
             tags = list(self.tags.values())
-            reservations = [adm.reservation for adm, _ in self.reservations.values()]
+            reservations = [run.admitted.reservation for run in self.reservations.values()]
         counters = dict(self.counters)
         deltas = {k: v - self._flushed[k] for k, v in counters.items() if k != "ticks"}
-        self.registry.announce(self.record(), tags, state=self.state(), counters=deltas)
+        with self.lock:
+            runtimes, self.runtimes = self.runtimes, collections.Counter()
+        state = self.state()
+        self._announced_pool_size = state["pool"]["size"]
+        self.registry.announce(self.record(), tags, state=state, counters=deltas, runtimes=runtimes)
         self._flushed.update(deltas)
         self.gate.ledger.refresh(reservations, self.gate.pools())
         from .admission import reclaim_dead_workers
@@ -267,8 +330,8 @@ class AdmissionController:
         with self.lock:
             entries = list(self.reservations.values())
             self.reservations.clear()
-        for admitted, _ in entries:
-            self.gate.ledger.release(admitted.reservation, admitted.pools)
+        for run in entries:
+            self.gate.ledger.release(run.admitted.reservation, run.admitted.pools)
         self.registry.stopped(self.record())
 
     # --- what operators see ---------------------------------------------------------
@@ -300,6 +363,10 @@ class AdmissionController:
         return {
             "node": self.node,
             "queues": list(self.record().queues),
+            "assist": self.assist,
+            "pool": {"implementation": type(self.consumer.pool).__module__.rsplit(".", 1)[-1],
+                     "size": self.consumer.pool.num_processes, "history": list(self.pool_history)},
+            "threads_per_task": int(os.environ.get("OMP_NUM_THREADS") or 1),
             "gpus": gpus,
             "host": {
                 "cpu_threads": self.gate.cpu_threads,

@@ -24,6 +24,7 @@ import redis
 WORKERS = "taskmesh:workers"
 STATES = "taskmesh:worker-state"  # node → the admission controller's state (what stats shows)
 COUNTERS = "taskmesh:counters"  # fleet-wide totals: admitted, pauses, queue_full, infeasible, ...
+RUNTIMES = "taskmesh:runtimes"  # "q:<queue>:sum" / "q:<queue>:count", "t:<task>:...": observed run times
 INFLIGHT = "taskmesh:inflight:"
 NEED_QUEUES = "taskmesh:need-queues"
 
@@ -90,6 +91,7 @@ class Registry:
         inflight: Iterable[str] = (),
         state: dict[str, Any] | None = None,
         counters: dict[str, int] | None = None,
+        runtimes: dict[str, float] | None = None,
     ) -> None:
         """Say this worker is alive now, which delivery tags it holds, its state and new counts."""
         record = dataclasses.replace(record, last_seen=time.time(), stopped=False)
@@ -100,6 +102,8 @@ class Registry:
         for name, delta in (counters or {}).items():
             if delta:
                 pipe.hincrby(COUNTERS, name, delta)
+        for name, amount in (runtimes or {}).items():
+            pipe.hincrbyfloat(RUNTIMES, name, amount)
         pipe.delete(INFLIGHT + record.key)
         tags = list(inflight)
         if tags:
@@ -176,3 +180,12 @@ class Registry:
 
     def counters(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(COUNTERS).items()}
+
+    def mean_runtimes(self, prefix: str = "q:") -> dict[str, float]:
+        """Mean observed run time by queue (``q:``) or task (``t:``) name."""
+        raw = {k.decode(): float(v) for k, v in self.client.hgetall(RUNTIMES).items()}
+        return {
+            key[len(prefix) : -len(":sum")]: total / raw[key[: -len(":sum")] + ":count"]
+            for key, total in raw.items()
+            if key.startswith(prefix) and key.endswith(":sum") and raw.get(key[: -len(":sum")] + ":count")
+        }

@@ -46,3 +46,8 @@ def flexible(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
 @app.task(bind=True, profile="cpu_intensive", cpu_threads=1, time_limit=120)
 def crunch(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
     return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="mixed", time_limit=120)
+def blend(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)

@@ -1,0 +1,247 @@
+"""``taskmesh.rebalance``: the beat task that looks at the whole system and moves capacity.
+
+Each run reads queue depths (every priority sub-list, in flight, oldest age), the
+worker registry and learned run times; asks ``rebalance_policy`` what to do; does
+it with Celery's remote control (``taskmesh_resize``, which does what ``pool_grow``/
+``pool_shrink`` do and timestamps the change, and ``taskmesh_assist`` for mixed
+workers' consumers); moves waiting tasks that declare
+a fallback out of a saturated queue with an atomic Redis move; raises and clears
+alerts; and records what it saw, decided and why for ``taskmesh status``.
+
+A Redis lock makes a second beat started by mistake harmless: the run that does not
+get the lock records that it did nothing, and why. The task runs on the ``cpu_light``
+queue at CRITICAL priority, on gevent, which stays responsive while it waits for
+control replies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import uuid
+from typing import Any
+
+from .backpressure import family
+from .depth import queue_depths
+from .profiles import QUEUES, Profile
+from .rebalance_policy import (
+    Decision,
+    QueueView,
+    WorkerView,
+    alerts,
+    assist_moves,
+    pool_sizes,
+    saturated,
+    scaling_hints,
+)
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+LOCK = "taskmesh:rebalance:lock"
+RUNS = "taskmesh:rebalance:runs"
+RESIZED = "taskmesh:rebalance:resized"  # node → when its pool was last resized
+ALERTS = "taskmesh:alerts"
+KEEP_RUNS = 50
+TASK_NAME = "taskmesh.rebalance"
+
+# Move one message from a list to another only if it is still there: none lost, none doubled.
+_MOVE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def rebalance(app: Any) -> dict[str, Any]:
+    """One run; returns (and records) what it saw and did."""
+    client = app.redis()
+    config = app.taskmesh_config
+    token = uuid.uuid4().hex
+    ttl_ms = int(max(1.0, config.rebalance.interval_s * 3) * 1000)
+    if not client.set(LOCK, token, nx=True, px=ttl_ms):
+        run = {"at": time.time(), "acted": False, "skipped": "another rebalance run holds the lock",
+               "depths": {}, "decisions": [], "hints": {}}
+        _record(client, run)
+        return run
+    try:
+        return _run(app, client, config)
+    finally:
+        client.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+                    1, LOCK, token)
+
+
+def _run(app: Any, client: Any, config: Any) -> dict[str, Any]:
+    registry = Registry(client, alive_s=config.admission.reservation_ttl_s,
+                        memory_s=config.admission.registry_memory_s)
+    records = registry.workers()
+    alive = [r for r in records if registry.is_alive(r)]
+    states = registry.states()
+    workers = [_worker_view(r, states.get(r.node, {})) for r in alive]
+    queues = _queue_views(app, client, registry, workers)
+    resized = {k.decode(): float(v) for k, v in client.hgetall(RESIZED).items()}
+    fresh = [w for w in workers if states.get(w.node, {}).get("updated", 0) > resized.get(w.node, 0)]
+    decisions = assist_moves(queues, workers, config) + pool_sizes(queues, fresh, config)
+    decisions += _reroutes(app, client, queues, workers, config)
+    groups_seen = sorted({r.node.split("@", 1)[0] for r in records if not r.stopped})
+    found = alerts(queues, workers, config, groups_seen)
+    _act(app, client, decisions)
+    raised = _update_alerts(app, client, found)
+    if decisions:
+        registry.count("rebalance_actions", len(decisions))
+    if raised:
+        registry.count("alerts_raised", raised)
+    run = {
+        "at": time.time(),
+        "acted": True,
+        "skipped": None,
+        "depths": {q.name: {"waiting": q.waiting, "in_flight": q.in_flight, "oldest_age_s": q.oldest_age_s,
+                            "consumers": q.consumers, "expected_work_s": round(q.expected_work_s, 2)}
+                   for q in queues.values()},
+        "decisions": [_as_dict(d) for d in decisions + found],
+        "hints": scaling_hints(queues, workers, config),
+    }
+    _record(client, run)
+    return run
+
+
+def _worker_view(record: Any, state: dict[str, Any]) -> WorkerView:
+    pool = state.get("pool", {})
+    return WorkerView(
+        node=record.node,
+        group=record.node.split("@", 1)[0],
+        host=record.host,
+        queues=tuple(q for q in record.queues if q != state.get("assist")),
+        assist=state.get("assist"),
+        pool={"prefork": "prefork", "gevent": "gevent", "thread": "threads"}.get(pool.get("implementation"), "other"),
+        pool_size=int(pool.get("size") or 1),
+        threads_per_task=int(state.get("threads_per_task") or 1),
+        cpu_threads=record.cpu_threads,
+        unhealthy_gpus=tuple(f"GPU {g.index} ({g.uuid})" for g in record.gpus if not g.healthy),
+        held=int(state.get("held") or 0),
+        running=int(state.get("running") or 0),
+        paused=bool(state.get("paused")),
+        has_gpus=bool(record.gpus),
+    )
+
+
+def _queue_views(app: Any, client: Any, registry: Registry, workers: list[WorkerView]) -> dict[str, QueueView]:
+    options = app.conf.broker_transport_options or {}
+    names = list(QUEUES) + sorted(registry.need_queues())
+    depths = queue_depths(client, names, priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
+                          keyprefix=options.get("global_keyprefix", ""))
+    runtimes = registry.mean_runtimes("q:")
+    views = {}
+    for name, depth in depths.items():
+        serving = [w for w in workers if name in w.queues or w.assist == name]
+        views[name] = QueueView(
+            name=name,
+            waiting=depth.waiting,
+            in_flight=depth.in_flight,
+            oldest_age_s=depth.oldest_age_s,
+            mean_runtime_s=runtimes.get(name),
+            consumers=len(serving),
+            capacity=sum(w.pool_size for w in serving),
+        )
+    return views
+
+
+def _reroutes(app: Any, client: Any, queues: dict[str, QueueView], workers: list[WorkerView],
+              config: Any) -> list[Decision]:
+    """Move waiting tasks that allow a fallback out of a GPU queue no GPU can serve now."""
+    decisions = []
+    for view in queues.values():
+        if family(view.name) != "gpu" or not saturated(view, workers, config.queue("gpu").fallback_depth):
+            continue
+        for fallback in (p.queue for p in Profile if p is not Profile.GPU_INTENSIVE):
+            target = queues.get(fallback)
+            if target is None or not target.consumers:
+                continue
+            moved = move_fallbacks(app, client, view.name, fallback, view.waiting - config.queue("gpu").fallback_depth)
+            if moved:
+                decisions.append(Decision("reroute", fallback, f"{view.name} saturated: {view.waiting} waiting, "
+                                          "no GPU worker has room", amount=moved, queue=view.name))
+    return decisions
+
+
+def move_fallbacks(app: Any, client: Any, source: str, target: str, limit: int) -> int:
+    """Atomically move up to *limit* waiting messages whose task falls back to *target*."""
+    options = app.conf.broker_transport_options or {}
+    prefix, sep = options.get("global_keyprefix", ""), options.get("sep", "\x06\x16")
+    move = client.register_script(_MOVE)
+    moved = 0
+    for step in options.get("priority_steps", (0, 3, 6, 9)):
+        suffix = f"{sep}{step}" if step else ""
+        source_key, target_key = f"{prefix}{source}{suffix}", f"{prefix}{target}{suffix}"
+        for raw in client.lrange(source_key, 0, -1):  # newest first: the oldest keep their GPU turn
+            if moved >= limit:
+                return moved
+            message = json.loads(raw)
+            headers = message.get("headers") or {}
+            if (headers.get("taskmesh") or {}).get("fallback") != target:
+                continue
+            headers["taskmesh_fallback_from"] = source
+            delivery = message.get("properties", {}).get("delivery_info", {})
+            delivery.update(exchange=target, routing_key=target)
+            moved += int(move(keys=[source_key, target_key], args=[raw, json.dumps(message)]))
+    return moved
+
+
+def _act(app: Any, client: Any, decisions: list[Decision]) -> None:
+    """Carry decisions out; a host's grows wait for its shrinks, and are dropped if one failed."""
+    control = app.control
+    failed_hosts = set()
+    for decision in sorted(decisions, key=lambda d: d.action != "shrink"):
+        destination = [decision.target]
+        if decision.action == "move_consumer":
+            control.broadcast("taskmesh_assist", arguments={"queue": decision.queue or ""},
+                              destination=destination, reply=False)
+        elif decision.action in ("shrink", "grow"):
+            if decision.action == "grow" and decision.host in failed_hosts:
+                log.info("rebalance: not growing %s: a shrink on %s failed", decision.target, decision.host)
+                continue
+            delta = decision.amount if decision.action == "grow" else -decision.amount
+            replies = control.broadcast("taskmesh_resize", arguments={"n": delta}, destination=destination,
+                                        reply=True, timeout=2) or []
+            if not replies or any("error" in r.get(decision.target, {}) for r in replies):
+                failed_hosts.add(decision.host)
+            client.hset(RESIZED, decision.target, time.time())
+        if decision.action != "reroute":
+            log.info("rebalance: %s %s %s (%s)", decision.action, decision.target, decision.queue or decision.amount,
+                     decision.why)
+
+
+def _update_alerts(app: Any, client: Any, found: list[Decision]) -> int:
+    """Keep ``taskmesh:alerts`` equal to what is wrong now; log and announce the new ones."""
+    current = {k.decode(): json.loads(v) for k, v in client.hgetall(ALERTS).items()}
+    now_names = {d.target for d in found}
+    raised = 0
+    for decision in found:
+        if decision.target in current:
+            continue
+        alert = {"name": decision.target, "queue": decision.queue, "kind": decision.kind,
+                 "message": decision.why, "since": time.time()}
+        client.hset(ALERTS, decision.target, json.dumps(alert))
+        raised += 1
+        log.warning("taskmesh alert %s: %s", decision.target, decision.why)
+        with app.events.default_dispatcher(hostname=f"rebalancer@{socket.gethostname()}") as dispatcher:
+            dispatcher.send("worker-taskmesh-alert", alert=alert)
+    cleared = [name for name in current if name not in now_names]
+    if cleared:
+        client.hdel(ALERTS, *cleared)
+        log.info("taskmesh alerts cleared: %s", ", ".join(cleared))
+    return raised
+
+
+def _record(client: Any, run: dict[str, Any]) -> None:
+    pipe = client.pipeline()
+    pipe.lpush(RUNS, json.dumps(run))
+    pipe.ltrim(RUNS, 0, KEEP_RUNS - 1)
+    pipe.execute()
+
+
+def _as_dict(decision: Decision) -> dict[str, Any]:
+    return {k: v for k, v in vars(decision).items() if v not in (None, 0) or k in ("action", "target", "why")}
