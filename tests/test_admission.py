@@ -27,6 +27,7 @@ def gpu_app(broker_url):
 
     gpu_app.app.conf.broker_url = broker_url
     gpu_app.app.conf.result_backend = broker_url
+    gpu_app.app._submit_policy = None  # no registry view cached from another test
     return gpu_app
 
 
