@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .errors import TaskmeshError
 from .hardware import Inventory, detect
 from .stack import Stack, StackError, StackOptions, free_port
+from .top import status, top
 from .workers import GROUP_PROFILES, PlanError, plan_workers
 
 DEMO_APP = "taskmesh.demo"
@@ -167,7 +168,7 @@ def doctor(ctx: click.Context) -> None:
         click.echo(f"worker {spec.nodename}: {spec.queue} {spec.pool} x{spec.concurrency}")
 
 
-COMMANDS = (worker, up, doctor)
+COMMANDS = (worker, up, doctor, status, top)
 
 
 @click.group()
