@@ -46,3 +46,12 @@ def flexible(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
 @app.task(bind=True, profile="cpu_intensive", cpu_threads=1, time_limit=120)
 def crunch(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
     return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="gpu", vram="4GiB", time_limit=300)
+def progressing(self, steps: int, seconds_per_step: float) -> int:
+    """Reports progress after each step, for taskmesh status and top."""
+    for step in range(1, steps + 1):
+        time.sleep(seconds_per_step)
+        self.progress(step, steps)
+    return steps
