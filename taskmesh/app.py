@@ -28,6 +28,7 @@ from .config import Config, load_config
 from .errors import ConfigError, RequirementError
 from .hardware import Inventory, detect
 from .profiles import QUEUES, Priority
+from .progress import report_progress
 from .requirements import HEADER, REQUIREMENT_OPTIONS, Requirement
 from .routing import route_by_profile
 
@@ -66,6 +67,10 @@ class TaskmeshTask(Task):
         if policy is not None:
             policy().prepare(self.name, self.requirement, options)
         return super().apply_async(args, kwargs, task_id, **options)
+
+    def progress(self, done: float, total: float) -> None:
+        """How far this run is (bound tasks): ``taskmesh top`` shows a bar and an ETA, Flower a PROGRESS state."""
+        report_progress(self, done, total)
 
 
 class TaskmeshCelery(Celery):

@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .errors import TaskmeshError
 from .hardware import Inventory, detect
 from .stack import Stack, StackError, StackOptions, free_port
+from .top import status, top
 from .workers import GROUP_PROFILES, PlanError, plan_workers
 
 DEMO_APP = "taskmesh.demo"
@@ -207,7 +208,7 @@ def rebalance(ctx: click.Context) -> None:
     click.echo(json.dumps(run(load_app(path)), indent=2))
 
 
-COMMANDS = (worker, up, doctor, rebalance)
+COMMANDS = (worker, up, doctor, rebalance, status, top)
 
 
 @click.group()

@@ -51,3 +51,12 @@ def crunch(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
 @app.task(bind=True, profile="mixed", time_limit=120)
 def blend(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
     return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="gpu", vram="4GiB", time_limit=300)
+def progressing(self, steps: int, seconds_per_step: float) -> int:
+    """Reports progress after each step, for taskmesh status and top."""
+    for step in range(1, steps + 1):
+        time.sleep(seconds_per_step)
+        self.progress(step, steps)
+    return steps
