@@ -18,6 +18,7 @@ from celery.app.utils import find_app
 
 from .config import Config, load_config
 from .errors import TaskmeshError
+from .exporter import exporter
 from .hardware import Inventory, detect
 from .stack import Stack, StackError, StackOptions, free_port
 from .workers import GROUP_PROFILES, PlanError, plan_workers
@@ -93,14 +94,16 @@ def worker(ctx: click.Context, profile: str, gpu_pool: str | None, dry_run: bool
 @click.option("--flower/--no-flower", default=True, show_default=True)
 @click.option("--flower-port", type=int, default=None, help="Default 5555 (a free one with --demo).")
 @click.option("--flower-auth", default=None, help="user:password for Flower (default: generated and printed).")
+@click.option("--exporter-port", type=int, default=None, help="Prometheus exporter port (default 9808; a free one "
+              "with --demo).")
 @click.option("--beat/--no-beat", default=True, show_default=True)
 @click.option("--gpu-pool", type=click.Choice(["prefork", "threads", "solo"]), default=None)
 @click.option("--logdir", type=click.Path(path_type=Path), default=None)
 @click.option("--json", "as_json", is_flag=True, help="With --demo: print the summary as JSON too.")
 @click.pass_context
 def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | None, flower: bool,
-       flower_port: int | None, flower_auth: str | None, beat: bool, gpu_pool: str | None,
-       logdir: Path | None, as_json: bool) -> None:
+       flower_port: int | None, flower_auth: str | None, exporter_port: int | None, beat: bool,
+       gpu_pool: str | None, logdir: Path | None, as_json: bool) -> None:
     """Start Redis, the worker groups, beat and Flower on this machine."""
     path = app_path(ctx)
     if demo:
@@ -119,6 +122,7 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
         flower=flower,
         flower_port=flower_port or (free_port() if demo else 5555),
         flower_auth=flower_auth,
+        exporter_port=exporter_port or (free_port() if demo else 9808),
         beat=beat,
         logdir=logdir,
     )
@@ -167,7 +171,7 @@ def doctor(ctx: click.Context) -> None:
         click.echo(f"worker {spec.nodename}: {spec.queue} {spec.pool} x{spec.concurrency}")
 
 
-COMMANDS = (worker, up, doctor)
+COMMANDS = (worker, up, doctor, exporter)
 
 
 @click.group()
