@@ -26,6 +26,7 @@ from typing import Any
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .config import load_config
 from .depth import app_queue_depths
 from .registry import COUNTERS, Registry, WorkerRecord
 
@@ -116,7 +117,7 @@ class TaskmeshCollector:
     def __init__(self, app: Any, client: redis.Redis | None = None) -> None:
         self.app = app
         self.client = client if client is not None else redis.Redis.from_url(app.conf.broker_url)
-        admission = app.taskmesh_config.admission
+        admission = (getattr(app, "taskmesh_config", None) or load_config()).admission
         self.registry = Registry(self.client, alive_s=admission.reservation_ttl_s,
                                  memory_s=admission.registry_memory_s)
 
@@ -149,7 +150,7 @@ class TaskmeshCollector:
             *self.gpu_families(workers, states),
         ]
 
-    def queue_families(self, alive: list[WorkerRecord]) -> Iterator[Metric]:
+    def queue_families(self, alive: list[WorkerRecord]) -> list[Metric]:
         declared = [q.name for q in self.app.conf.task_queues or ()]
         consumed = sorted({q for r in alive for q in r.queues})
         names = list(dict.fromkeys([*declared, *sorted(self.registry.need_queues()), *consumed]))
@@ -165,7 +166,7 @@ class TaskmeshCollector:
             for step, count in sorted(depth.by_priority.items()):
                 by_priority.add_metric([name, str(step)], count)
             consumers.add_metric([name], sum(1 for r in alive if name in r.queues))
-        return iter((waiting, by_priority, in_flight, age, consumers))
+        return [waiting, by_priority, in_flight, age, consumers]
 
     def counter_families(self) -> Iterator[Metric]:
         counts = {name: 0 for name in KNOWN_COUNTERS}
@@ -173,8 +174,8 @@ class TaskmeshCollector:
         counts.pop("ticks", None)
         for name, value in sorted(counts.items()):
             metric_name = "taskmesh_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
-            kind_text = METRICS.get(metric_name, ("counter", f"Fleet counter {name!r} ({COUNTERS})", ()))
-            counter = CounterMetricFamily(metric_name, kind_text[1])
+            known = METRICS.get(metric_name)
+            counter = CounterMetricFamily(metric_name, known[1] if known else f"Fleet counter {name!r} in {COUNTERS}")
             counter.add_metric([], value)
             yield counter
 
@@ -199,7 +200,7 @@ class TaskmeshCollector:
         yield replicas
 
     def worker_families(self, workers: list[WorkerRecord], alive: list[WorkerRecord],
-                        states: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+                        states: dict[str, dict[str, Any]]) -> list[Metric]:
         up = family("taskmesh_worker_up")
         live_nodes = {r.node for r in alive}
         for node in sorted({r.node for r in workers}):
@@ -208,9 +209,9 @@ class TaskmeshCollector:
         for node, state in sorted(states.items()):
             paused.add_metric([node], 1 if state.get("paused") else 0)
             held.add_metric([node], state.get("held") or 0)
-        return iter((up, paused, held))
+        return [up, paused, held]
 
-    def gpu_families(self, workers: list[WorkerRecord], states: dict[str, dict[str, Any]]) -> Iterator[Metric]:
+    def gpu_families(self, workers: list[WorkerRecord], states: dict[str, dict[str, Any]]) -> list[Metric]:
         """One series per GPU UUID, although several workers (a GPU's own, ``mixed``) may report it.
 
         Memory and health come from the freshest report (the ledger and the driver are
@@ -237,7 +238,7 @@ class TaskmeshCollector:
             out["taskmesh_gpu_memory_reserved_mib"].add_metric(labels, gpu.get("memory_reserved_mib") or 0)
             out["taskmesh_gpu_healthy"].add_metric(labels, 1 if gpu.get("healthy", True) else 0)
             out["taskmesh_gpu_running_tasks"].add_metric(labels, running[uuid])
-        return iter(out.values())
+        return list(out.values())
 
 
 def _json_object(raw: Any, where: str) -> dict[str, Any] | None:

@@ -226,6 +226,13 @@ def test_exporter_port_in_use_is_a_clear_error(broker_url):
     assert "Traceback" not in done.stderr
 
 
+def test_a_broker_the_exporter_cannot_reach_is_a_0_not_a_failed_scrape(processes):
+    url = start_exporter(processes, env={"TASKMESH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    s = scrape(url)
+    assert s.value("taskmesh_broker_up") == 0
+    assert s.labels("taskmesh_queue_waiting") == []  # no guess at what it could not read
+
+
 # --- the dashboard and the alert rules ------------------------------------------------------
 
 PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
