@@ -214,6 +214,30 @@ def test_runtime_and_queue_wait_histograms_count_tasks_from_celery_events(gpu_ap
     assert s.value("taskmesh_task_runtime_seconds_bucket", le="+Inf", **labels) == runs_before + 3
 
 
+def test_task_timings_forget_the_oldest_pending_task_beyond_their_bound(gpu_app):
+    from prometheus_client import CollectorRegistry
+
+    from taskmesh.exporter import TaskTimings
+
+    registry = CollectorRegistry()
+    timings = TaskTimings(gpu_app.app, registry, max_pending=2)
+    name = "tests.apps.gpu_app.crunch"
+    for task_id in ("a", "b", "c"):
+        timings.on_event({"type": "task-sent", "uuid": task_id, "name": name, "queue": "cpu_intensive",
+                          "timestamp": 100.0})
+    assert list(timings.pending) == ["b", "c"]  # "a" was forgotten
+    timings.on_event({"type": "task-started", "uuid": "b", "timestamp": 101.5})
+    timings.on_event({"type": "task-failed", "uuid": "b", "timestamp": 104.0})  # failed: no runtime field
+    timings.on_event({"type": "task-started", "uuid": "a", "timestamp": 101.0})
+    timings.on_event({"type": "task-succeeded", "uuid": "a", "runtime": 3.0, "timestamp": 104.0})
+    labels = {"task": name, "queue": "cpu_intensive"}
+    assert registry.get_sample_value("taskmesh_task_queue_wait_seconds_count", labels) == 1
+    assert registry.get_sample_value("taskmesh_task_queue_wait_seconds_sum", labels) == 1.5
+    assert registry.get_sample_value("taskmesh_task_runtime_seconds_count", labels) == 1  # "a": name unknown
+    assert registry.get_sample_value("taskmesh_task_runtime_seconds_sum", labels) == 2.5
+    assert list(timings.pending) == ["c"]
+
+
 def test_exporter_port_in_use_is_a_clear_error(broker_url):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
