@@ -18,6 +18,7 @@ from celery.app.utils import find_app
 
 from .config import Config, load_config
 from .errors import TaskmeshError
+from .exporter import exporter
 from .hardware import Inventory, detect
 from .stack import Stack, StackError, StackOptions, free_port
 from .top import status, top
@@ -121,14 +122,16 @@ def supervise(supervisor: Any, app: Any, path: str, loglevel: str, gpu_pool: str
 @click.option("--flower/--no-flower", default=True, show_default=True)
 @click.option("--flower-port", type=int, default=None, help="Default 5555 (a free one with --demo).")
 @click.option("--flower-auth", default=None, help="user:password for Flower (default: generated and printed).")
+@click.option("--exporter-port", type=int, default=None, help="Prometheus exporter port (default 9808; a free one "
+              "with --demo).")
 @click.option("--beat/--no-beat", default=True, show_default=True)
 @click.option("--gpu-pool", type=click.Choice(["prefork", "threads", "solo"]), default=None)
 @click.option("--logdir", type=click.Path(path_type=Path), default=None)
 @click.option("--json", "as_json", is_flag=True, help="With --demo: print the summary as JSON too.")
 @click.pass_context
 def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | None, flower: bool,
-       flower_port: int | None, flower_auth: str | None, beat: bool, gpu_pool: str | None,
-       logdir: Path | None, as_json: bool) -> None:
+       flower_port: int | None, flower_auth: str | None, exporter_port: int | None, beat: bool,
+       gpu_pool: str | None, logdir: Path | None, as_json: bool) -> None:
     """Start Redis, the worker groups, beat and Flower on this machine."""
     path = app_path(ctx)
     if demo:
@@ -147,6 +150,7 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
         flower=flower,
         flower_port=flower_port or (free_port() if demo else 5555),
         flower_auth=flower_auth,
+        exporter_port=exporter_port or (free_port() if demo else 9808),
         beat=beat,
         logdir=logdir,
     )
@@ -208,7 +212,7 @@ def rebalance(ctx: click.Context) -> None:
     click.echo(json.dumps(run(load_app(path)), indent=2))
 
 
-COMMANDS = (worker, up, doctor, rebalance, status, top)
+COMMANDS = (worker, up, doctor, rebalance, status, top, exporter)
 
 
 @click.group()

@@ -36,6 +36,7 @@ class StackOptions:
     flower: bool = True
     flower_port: int = 5555
     flower_auth: str | None = None
+    exporter_port: int = 9808
     beat: bool = True
     logdir: Path | None = None
     loglevel: str = "INFO"
@@ -130,6 +131,10 @@ class Stack:
                 f"--basic-auth={self.flower_auth}",
             ]
             self.supervisor.add(ProcessSpec("flower", argv, self.env))
+        if port_in_use(options.exporter_port):
+            raise StackError(f"port {options.exporter_port} on 127.0.0.1 is in use; pass --exporter-port")
+        argv = [sys.executable, "-m", "taskmesh", "-A", options.app_path, "exporter", f"--port={options.exporter_port}"]
+        self.supervisor.add(ProcessSpec("exporter", argv, self.env))
 
     def wait_until_ready(self, app: Any, timeout: float = 90.0) -> None:
         """Return once every worker answers ping; a supervisor signal aborts the wait."""
@@ -152,6 +157,7 @@ class Stack:
         lines += [f"worker: {name}" for name in self.nodenames]
         if self.options.flower:
             lines.append(f"flower: http://127.0.0.1:{self.options.flower_port}/  login {self.flower_auth}")
+        lines.append(f"metrics: http://127.0.0.1:{self.options.exporter_port}/metrics")
         lines.append(f"logs: {self.logdir}")
         return "\n".join(lines)
 

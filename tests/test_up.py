@@ -52,6 +52,7 @@ def test_up_serves_flower_with_auth_and_sigterm_stops_everything(processes, tmp_
     proc = processes.taskmesh(
         "-A", "tests.apps.e2e_app", "up", "--redis-port", str(_free()), "--flower-port",
         str(port := _free()), "--flower-auth", "ops:s3cret", "--logdir", str(tmp_path),
+        "--exporter-port", str(metrics_port := _free()),
         env={"TASKMESH_TEST_MARKER": marker, "TASKMESH_SIMULATE_GPUS": "1x24GiB"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -70,6 +71,17 @@ def test_up_serves_flower_with_auth_and_sigterm_stops_everything(processes, tmp_
             except requests.ConnectionError:
                 time.sleep(0.2)
         assert requests.get(url, timeout=2).status_code == 401
+        assert any(f"metrics: http://127.0.0.1:{metrics_port}/metrics" in line for line in lines), lines
+        metrics, groups = "", ("gpu0", "cpu", "io", "mixed")
+        for _ in range(50):
+            try:
+                metrics = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).text
+            except requests.ConnectionError:
+                pass
+            if all(f'taskmesh_worker_up{{group="{g}"' in metrics for g in groups):
+                break
+            time.sleep(0.2)
+        assert all(f'taskmesh_worker_up{{group="{g}"' in metrics for g in groups), metrics
         proc.send_signal(signal.SIGTERM)
         proc.wait(90)
         assert proc.returncode == 0
