@@ -17,8 +17,10 @@ Where it hooks in, and why there:
   mistaken for a dead one. It also gives back the messages of workers that died,
   through kombu's own ``restore_by_tag``.
 
-State goes to ``celery inspect stats`` (``info``) and to ``worker-taskmesh`` events,
-which Celery sends without ``-E`` because of the ``worker-`` prefix.
+State goes to ``celery inspect stats`` (``info``: the full state under ``taskmesh``
+and a plain line per GPU under ``taskmesh_gpus``, which Flower's worker page shows in
+its "Other" tab) and to ``worker-taskmesh`` events, which Celery sends without ``-E``
+because of the ``worker-`` prefix.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from celery.worker.control import control_command
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
-from .controller import AdmissionController
+from .controller import AdmissionController, gpu_summary
 from .gate import Gate
 from .gpu import provider_from_env
 from .hardware import detect
@@ -171,8 +173,12 @@ class AdmissionStep(bootsteps.StartStopStep):
             _current = None
 
     def info(self, c: Any) -> dict[str, Any]:
+        """``inspect stats``: the readable GPU line first (Flower's "Other" tab), then the full state."""
         controller = getattr(c, "taskmesh_admission", None)
-        return {"taskmesh": controller.state()} if controller is not None else {}
+        if controller is None:
+            return {}
+        state = controller.state()
+        return {"taskmesh_gpus": gpu_summary(state), "taskmesh": state} if state["gpus"] else {"taskmesh": state}
 
 
 def reclaim_dead_workers(app: Any, registry: Registry, client: redis.Redis) -> int:

@@ -25,6 +25,7 @@ from .gate import Admitted, Gate, Reroute, Wait, fits
 from .profiles import Profile
 from .registry import GpuRecord, Registry, WorkerRecord
 from .requirements import HEADER, Requirement
+from .sizes import format_mib
 
 log = logging.getLogger(__name__)
 GPUS_HEADER = "taskmesh_gpus"
@@ -391,3 +392,18 @@ class AdmissionController:
             return
         self._last_state, self._last_event = summary, now
         dispatcher.send("worker-taskmesh", taskmesh=self.state())
+
+
+def gpu_summary(state: dict[str, Any]) -> str:
+    """One plain line per GPU of *state*, for Flower's worker page.
+
+    Flower lists extra ``stats`` entries as their ``str()``, so the detailed
+    ``taskmesh`` dict shows there as one long Python repr; this line is what an
+    operator reads at a glance: model, reserved of total, observed free, health.
+    """
+    return "; ".join(
+        f"GPU {g['index']} {g['name']}: {format_mib(g['memory_reserved_mib'])} of "
+        f"{format_mib(g['memory_total_mib'])} reserved, {format_mib(g['memory_free_observed_mib'])} free, "
+        f"{'healthy' if g['healthy'] else 'UNHEALTHY'}, {len(g['running'])} running"
+        for g in state["gpus"]
+    )

@@ -72,6 +72,28 @@ def redis_command(port: int) -> list[str]:
     return [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
 
 
+def flower_credentials(auth: str | None) -> str:
+    """``user:password`` for Flower's basic auth: the one given, checked, or a generated one.
+
+    Checked before anything starts: Flower takes a value without a password and then
+    lets nobody in (or, with ``user:``, anybody who knows the user), and it reads a
+    comma as a list of logins.
+    """
+    if auth is None:
+        return f"taskmesh:{secrets.token_urlsafe(12)}"
+    user, colon, password = auth.partition(":")
+    problem = (
+        "it has no ':'" if not colon
+        else "the user is empty" if not user
+        else "the password is empty" if not password
+        else "it contains ',' (Flower reads that as several logins)" if "," in auth
+        else None
+    )
+    if problem:
+        raise StackError(f"--flower-auth must be user:password, e.g. --flower-auth ops:s3cret; {problem}")
+    return auth
+
+
 def wait_for_redis(url: str, timeout: float = 15.0) -> None:
     import redis
 
@@ -91,6 +113,9 @@ class Stack:
 
     def __init__(self, options: StackOptions) -> None:
         self.options = options
+        self.flower_auth = flower_credentials(options.flower_auth) if options.flower else ""
+        if options.flower and port_in_use(options.flower_port):
+            raise StackError(f"port {options.flower_port} on 127.0.0.1 is in use; pass --flower-port")
         self.logdir = options.logdir or Path(tempfile.mkdtemp(prefix="taskmesh-up-"))
         self.supervisor = Supervisor(logdir=self.logdir)
         self.broker_url = options.broker or os.environ.get(BROKER_ENV)
@@ -98,7 +123,6 @@ class Stack:
         if self.owns_redis:
             self.broker_url = f"redis://127.0.0.1:{options.redis_port}/0"
         self.env = {**os.environ, BROKER_ENV: self.broker_url}
-        self.flower_auth = options.flower_auth or f"taskmesh:{secrets.token_urlsafe(12)}"
         self.nodenames: list[str] = []
 
     def start_broker(self) -> None:
@@ -120,10 +144,6 @@ class Stack:
             argv = celery + ["beat", "-s", str(schedule), "--loglevel", options.loglevel]
             self.supervisor.add(ProcessSpec("beat", argv, self.env))
         if options.flower:
-            if ":" not in self.flower_auth:
-                raise StackError("Flower credentials must look like user:password (--flower-auth)")
-            if port_in_use(options.flower_port):
-                raise StackError(f"port {options.flower_port} on 127.0.0.1 is in use; pass --flower-port")
             argv = celery + [
                 "flower",
                 "--address=127.0.0.1",
