@@ -9,8 +9,6 @@ import socket
 import threading
 import time
 
-import pytest
-
 from taskmesh.gpu import SimulatedProvider, SimulationControl
 from taskmesh.ledger import Ledger, gpu_pool
 
@@ -19,16 +17,6 @@ from .conftest import wait_for_workers
 HOST = socket.gethostname()
 APP = "tests.apps.gpu_app"
 GIB = 1024
-
-
-@pytest.fixture
-def gpu_app(broker_url):
-    from tests.apps import gpu_app
-
-    gpu_app.app.conf.broker_url = broker_url
-    gpu_app.app.conf.result_backend = broker_url
-    gpu_app.app._submit_policy = None  # no registry view cached from another test
-    return gpu_app
 
 
 def start_gpus(processes, app, spec: str, **env: str) -> list[str]:

@@ -18,16 +18,6 @@ HOST = socket.gethostname()
 APP = "tests.apps.gpu_app"
 
 
-@pytest.fixture
-def gpu_app(broker_url):
-    from tests.apps import gpu_app
-
-    gpu_app.app.conf.broker_url = broker_url
-    gpu_app.app.conf.result_backend = broker_url
-    gpu_app.app._submit_policy = None  # no registry view cached from another test
-    return gpu_app
-
-
 def producer(tmp_path, broker_url, text: str):
     """An app with its own config that sends tasks the gpu_app workers know by name."""
     path = tmp_path / "producer.yaml"

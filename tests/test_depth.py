@@ -16,15 +16,6 @@ from taskmesh.depth import QueueDepth, app_queue_depths, queue_depths
 QUEUES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 
 
-@pytest.fixture
-def e2e(broker_url):
-    from tests.apps import e2e_app
-
-    e2e_app.app.conf.broker_url = broker_url
-    e2e_app.app.conf.result_backend = broker_url
-    return e2e_app
-
-
 def kombu_count(app, queue: str) -> int:
     """kombu's own count: ``Channel._size``, over every priority sub-list."""
     with app.connection_for_write() as conn:

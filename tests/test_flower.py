@@ -44,15 +44,6 @@ needs_chromium = pytest.mark.skipif(
 
 
 @pytest.fixture
-def gpu_app(broker_url):
-    from tests.apps import gpu_app
-
-    gpu_app.app.conf.broker_url = broker_url
-    gpu_app.app.conf.result_backend = broker_url
-    return gpu_app
-
-
-@pytest.fixture
 def chromium(tmp_path: Path) -> Iterator[Callable[..., BrowserContext]]:
     """Opens Debian's Chromium, each time with a fresh profile so no earlier cookie or login counts."""
     with sync_playwright() as playwright:

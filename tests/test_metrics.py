@@ -35,16 +35,6 @@ ALERT_RULES = ROOT / "compose" / "prometheus" / "alerts.yml"
 PROMETHEUS_CONFIG = ROOT / "compose" / "prometheus" / "prometheus.yml"
 
 
-@pytest.fixture
-def gpu_app(broker_url):
-    from tests.apps import gpu_app
-
-    gpu_app.app.conf.broker_url = broker_url
-    gpu_app.app.conf.result_backend = broker_url
-    gpu_app.app._submit_policy = None  # no registry view cached from another test
-    return gpu_app
-
-
 class Scrape:
     """One scrape of ``/metrics``, parsed with prometheus_client's own parser."""
 

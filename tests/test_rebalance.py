@@ -8,8 +8,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from taskmesh.rebalance import RUNS, rebalance
 from taskmesh.registry import Registry
 
@@ -18,16 +16,6 @@ from .conftest import queue_depth, wait_for_workers
 HOST = socket.gethostname()
 APP = "tests.apps.gpu_app"
 INTERVAL = 1.0
-
-
-@pytest.fixture
-def gpu_app(broker_url):
-    from tests.apps import gpu_app
-
-    gpu_app.app.conf.broker_url = broker_url
-    gpu_app.app.conf.result_backend = broker_url
-    gpu_app.app._submit_policy = None
-    return gpu_app
 
 
 def start_beat(processes, tmp_path, env):
@@ -73,7 +61,7 @@ def test_saturated_gpu_work_with_a_fallback_moves_to_cpu_none_lost_none_twice(gp
     processes.taskmesh("-A", APP, "worker", "--profile", "cpu_intensive", "--loglevel", "WARNING", env=env)
     processes.taskmesh("-A", APP, "worker", "--profile", "io", "--loglevel", "WARNING", env=env)
     wait_for_workers(gpu_app.app, [f"gpu0@{HOST}", f"cpu@{HOST}", f"io@{HOST}"])
-    blocker = gpu_app.ten_gib.delay(20, label="blocker")
+    blocker = gpu_app.ten_gib.delay(10, label="blocker")
     wait_until(lambda: broker.llen("test:runs") == 1, 20, "the GPU never got busy")
     flexible = [gpu_app.flexible.apply_async((0.05,), {"label": i}, queue="gpu") for i in range(50)]
     assert queue_depth(broker, "gpu") == 50

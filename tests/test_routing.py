@@ -13,15 +13,6 @@ from taskmesh import Priority
 from .conftest import queue_depth, wait_for_workers
 
 
-@pytest.fixture
-def e2e(broker_url):
-    from tests.apps import e2e_app
-
-    e2e_app.app.conf.broker_url = broker_url
-    e2e_app.app.conf.result_backend = broker_url
-    return e2e_app
-
-
 def queued_messages(broker, queue):
     keys = [queue] + [f"{queue}\x06\x16{p}" for p in (3, 6, 9)]
     return [json.loads(raw) for key in keys for raw in broker.lrange(key, 0, -1)]

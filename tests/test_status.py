@@ -35,15 +35,6 @@ TASK = "tests.apps.gpu_app.progressing"
 GIB = 1024
 
 
-@pytest.fixture
-def gpu_app(broker_url):
-    from tests.apps import gpu_app
-
-    gpu_app.app.conf.broker_url = broker_url
-    gpu_app.app.conf.result_backend = broker_url
-    return gpu_app
-
-
 def taskmesh_cli(*args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "taskmesh", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,

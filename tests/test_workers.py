@@ -21,15 +21,6 @@ HOST = socket.gethostname()
 APP = "tests.apps.e2e_app"
 
 
-@pytest.fixture
-def e2e(broker_url):
-    from tests.apps import e2e_app
-
-    e2e_app.app.conf.broker_url = broker_url
-    e2e_app.app.conf.result_backend = broker_url
-    return e2e_app
-
-
 def test_profile_all_starts_pinned_gpu_groups_prefork_and_gevent(e2e, broker, processes):
     sent = {
         "gpu": e2e.on_gpu.delay(label="early"),
