@@ -77,6 +77,7 @@ class TaskmeshCelery(Celery):
     """``Celery`` whose ``task()`` accepts and validates resource options."""
 
     taskmesh_config: Config
+    visibility_timeout_is_explicit: bool = False
 
     def task(self, *args: Any, **opts: Any) -> Any:
         if len(args) == 1 and callable(args[0]):
@@ -142,7 +143,8 @@ def create_app(
     broker_url = broker or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
     app = TaskmeshCelery(main, broker=broker_url, task_cls=TaskmeshTask, set_as_current=False)
     app.taskmesh_config = config
-    transport = {"priority_steps": [0, 3, 6, 9], "visibility_timeout": MIN_VISIBILITY_TIMEOUT}
+    timeout = config.admission.visibility_timeout_s or MIN_VISIBILITY_TIMEOUT
+    transport = {"priority_steps": [0, 3, 6, 9], "visibility_timeout": timeout}
     app.conf.update(
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         task_default_queue=config.default_profile.queue,
@@ -162,9 +164,12 @@ def create_app(
         broker_connection_retry_on_startup=True,
         broker_transport_options=dict(transport),
         result_backend_transport_options=dict(transport),
-        visibility_timeout=MIN_VISIBILITY_TIMEOUT,
+        visibility_timeout=timeout,
     )
     app.conf.update(celery_conf)
+    app.visibility_timeout_is_explicit = bool(config.admission.visibility_timeout_s) or (
+        "visibility_timeout" in (celery_conf.get("broker_transport_options") or {})
+    )
     app.on_after_finalize.connect(_derive_visibility_timeout, weak=False)
     app.steps["consumer"].add("taskmesh.admission:AdmissionStep")
     _schedule_rebalance(app)
@@ -220,7 +225,7 @@ def _derive_visibility_timeout(sender: TaskmeshCelery, **_: Any) -> None:
     current = options.get("visibility_timeout", MIN_VISIBILITY_TIMEOUT)
     needed = max([MIN_VISIBILITY_TIMEOUT] + [2 * limit + 300 for limit in limits.values()])
     if needed > current:
-        if current != MIN_VISIBILITY_TIMEOUT:
+        if app.visibility_timeout_is_explicit:
             longest = max(limits, key=limits.__getitem__)
             log.warning(
                 "task %r has time_limit=%ss; the configured visibility_timeout=%ss can expire "

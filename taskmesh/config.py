@@ -59,6 +59,7 @@ class AdmissionConfig:
     on_infeasible: str = "raise"  # raise | warn: what apply_async does when no known hardware fits
     registry_memory_s: float = 86400.0  # hardware seen this recently counts as existing
     queue_full_wait_s: float = 0.0  # apply_async waits this long for room before raising QueueFull
+    visibility_timeout_s: float | None = None  # Redis redelivery timeout; None: derived from time limits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +211,7 @@ _ADMISSION_SCHEMA = {
     "on_infeasible": _infeasible,
     "registry_memory_s": _seconds,
     "queue_full_wait_s": _seconds,
+    "visibility_timeout_s": _positive_number,
 }
 _GROUP_SCHEMA = {
     "threads": _positive_int,
@@ -248,6 +250,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_RESERVATION_TTL_S": ("admission.reservation_ttl_s", _seconds),
     "TASKMESH_ON_INFEASIBLE": ("admission.on_infeasible", _infeasible),
     "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _positive_number),
+    "TASKMESH_VISIBILITY_TIMEOUT_S": ("admission.visibility_timeout_s", _positive_number),
 }
 
 

@@ -211,6 +211,18 @@ class AdmissionController:
             self.reasons.pop("waiting", None)
         self._update_intake()
 
+    def _requeue_before_redelivery(self) -> None:
+        """Hand back held messages at half the visibility timeout.
+
+        Redis delivers an unacknowledged message again once the timeout passes,
+        counting from delivery; a message held that long would then run twice.
+        Requeued, it waits in the queue instead (at the back of the line).
+        """
+        options = self.consumer.app.conf.broker_transport_options or {}
+        limit = float(options.get("visibility_timeout", 3600)) / 2
+        if self.held and time.monotonic() - self.held[0].since > limit:
+            self._requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
+
     def _requeue_held(self, why: str) -> None:
         while self.held:
             held = self.held.popleft()
@@ -246,6 +258,7 @@ class AdmissionController:
         if self.consumer.pool.num_processes != self._announced_pool_size:
             self.changed.set()  # a resized pool is announced now, not at the next heartbeat
         self.check()
+        self._requeue_before_redelivery()
         self.retry_held()
         self._reconcile()
         self._maybe_send_event()

@@ -188,3 +188,17 @@ def test_a_cpu_worker_pauses_intake_under_host_pressure_and_loses_nothing(gpu_ap
     processes.stop(strict_worker)
     processes.taskmesh("-A", APP, "worker", "--profile", "cpu_intensive")
     assert sorted(r.get(timeout=60)["label"] for r in results) == [0, 1, 2]
+
+
+def test_a_message_held_for_half_the_visibility_timeout_is_handed_back_not_run_twice(gpu_app, broker, processes):
+    (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_VISIBILITY_TIMEOUT_S="6")
+    SimulationControl(broker).use(0, 20 * GIB)
+    result = gpu_app.ten_gib.delay(0.1, label="patient")
+    deadline = time.monotonic() + 30
+    while not stats(gpu_app.app, node)["counters"].get("requeued"):
+        assert time.monotonic() < deadline, "the held message was never handed back"
+        time.sleep(0.5)
+    SimulationControl(broker).use(0, 0)
+    assert result.get(timeout=60)["label"] == "patient"
+    time.sleep(7)  # past the visibility timeout: a second delivery would run it again
+    assert [r.decode() for r in broker.lrange("test:runs", 0, -1)] == [result.id]
