@@ -16,6 +16,7 @@ from typing import Any
 import click
 from celery.app.utils import find_app
 
+from .bench.command import bench
 from .config import Config, load_config
 from .errors import TaskmeshError
 from .hardware import Inventory, detect
@@ -167,7 +168,7 @@ def doctor(ctx: click.Context) -> None:
         click.echo(f"worker {spec.nodename}: {spec.queue} {spec.pool} x{spec.concurrency}")
 
 
-COMMANDS = (worker, up, doctor)
+COMMANDS = (worker, up, doctor, bench)
 
 
 @click.group()
