@@ -109,7 +109,7 @@ def test_a_simulated_fleet_never_oversubscribes_and_runs_big_tasks_only_where_th
     assert out.makespan_s >= bound["bound_s"] and row["bound_s"] == bound["bound_s"]
 
 
-def test_redis_is_left_with_the_producer_counters(redis_server):
+def test_the_producer_refuses_what_no_gpu_can_run_and_counts_it_in_redis(redis_server):
     params = {**FULL, "producer_calls_per_class": None}
     _, sim = simulate(8, 2000, "memory", params, f"{redis_server}/0")
     client = redis.Redis.from_url(f"{redis_server}/0")

@@ -28,6 +28,7 @@ from ..registry import GpuRecord, Registry, WorkerRecord
 from ..routing import route_by_profile
 from . import tm_app
 from .harness import LocalRedis, percentile
+from .memory_ledger import MemoryLedger
 from .scenario import Context, Result
 
 TITLE = "Decision cost: router, producer checks and admission, by GPUs and queued tasks"
@@ -90,6 +91,8 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
                     result.rows.append(row)
                     if occupancy != "stale":
                         admission[f"{gpus}"] = max(admission.get(f"{gpus}", 0.0), row["p99_us"])
+                if queued == params["queued"][0]:  # the same decisions with no Redis: what is Python's
+                    result.rows.append(admission_row(None, gpus, queued, "idle", params["iterations"]))
     result.metrics["admission_p99_us"] = max(admission.values())
     result.metrics["admission_p99_us_by_gpus"] = admission
     result.target("router_p99_us", "<= 50")
@@ -103,33 +106,42 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
 
 def fill_queue(app: Any, task: Any, count: int) -> None:
     """*count* real messages waiting in the GPU queue (no worker consumes them)."""
-    app.redis().delete(*[k for k in app.redis().keys("gpu*")] or ["gpu"])
+    stale = app.redis().keys("gpu*")
+    if stale:
+        app.redis().delete(*stale)
     for label in range(count):
         task.apply_async((0.0, label))
 
 
 def producer_rows(broker: str, gpus: int, queued: int, iterations: int) -> list[dict[str, Any]]:
-    rows = []
-    for max_depth in (None, 10**9):
-        hardware = None
-        if max_depth:
-            hardware = Path(tempfile.mkdtemp()) / "bench.yaml"
-            hardware.write_text(f"queues:\n  gpu: {{max_depth: {max_depth}}}\n")
-        app = tm_app.make_app(broker, hardware)
-        task = app.tasks[tm_app.NAMES["gpu"]]
-        policy = app.submit_policy()
-        samples = timed(lambda: policy.prepare(task.name, task.requirement, {}), iterations)  # noqa: B023
-        rows.append({"part": "producer prepare" + (" + max_depth" if max_depth else ""), "gpus": gpus,
-                     "queued": queued, **stats(samples)})
+    """``prepare`` as configured by default, then with a ``max_depth`` on the gpu queue."""
+    with tempfile.TemporaryDirectory() as tmp:
+        limited = Path(tmp) / "bench.yaml"
+        limited.write_text("queues:\n  gpu: {max_depth: 1000000000}\n")
+        rows = []
+        for part, hardware in (("producer prepare", None), ("producer prepare + max_depth", limited)):
+            prepare = sending(tm_app.make_app(broker, hardware))
+            rows.append({"part": part, "gpus": gpus, "queued": queued, **stats(timed(prepare, iterations))})
     return rows
 
 
+def sending(app: Any) -> Any:
+    """One producer check of a GPU task, as ``apply_async`` makes it (fresh options each time)."""
+    task, policy = app.tasks[tm_app.NAMES["gpu"]], app.submit_policy()
+    return lambda: policy.prepare(task.name, task.requirement, {})
+
+
 def admission_row(client: Any, gpus: int, queued: int, occupancy: str, iterations: int) -> dict[str, Any]:
+    """Decide + release in a loop; with *client* None, on the in-memory ledger and a provider read from memory."""
+    config = AdmissionConfig()
+    if client is None:
+        gate = Gate(host=HOST, provider=SimulatedProvider(f"{gpus}x24GiB", host=HOST), ledger=MemoryLedger(),
+                    config=config, gpu_uuids=None, cpu_threads=64, memory_total_mib=512 * GIB)
+        return {**_admit_loop(gate, iterations), "part": f"admission ({occupancy}, no Redis)", "gpus": gpus}
     control = SimulationControl(client, host=HOST)
     control.reset()
     client.delete(*client.keys("taskmesh:ledger:*") or ["none"])
     provider = SimulatedProvider(f"{gpus}x24GiB", host=HOST, control=client)
-    config = AdmissionConfig()
     filler = Ledger(client, ttl_s=3600)
     full = 24 * GIB - config.safety_margin_mib
     for gpu in provider.snapshot()[:-1] if occupancy != "idle" else ():
@@ -138,6 +150,10 @@ def admission_row(client: Any, gpus: int, queued: int, occupancy: str, iteration
             control.use(gpu.index, 24 * GIB)
     gate = Gate(host=HOST, provider=provider, ledger=Ledger(client), config=config, gpu_uuids=None,
                 cpu_threads=64, memory_total_mib=512 * GIB)
+    return {"part": f"admission ({occupancy})", "gpus": gpus, "queued": queued, **_admit_loop(gate, iterations)}
+
+
+def _admit_loop(gate: Gate, iterations: int) -> dict[str, Any]:
     requirement = tm_app.app.tasks[tm_app.NAMES["gpu"]].requirement
     decide, release = [], []
     for i in range(iterations):
@@ -145,12 +161,11 @@ def admission_row(client: Any, gpus: int, queued: int, occupancy: str, iteration
         decision = gate.decide(requirement, f"{socket.gethostname()}/{i}")
         middle = time.perf_counter_ns()
         if not isinstance(decision, Admitted):
-            raise RuntimeError(f"admission on a {occupancy} fleet of {gpus} GPUs did not admit: {decision}")
+            raise RuntimeError(f"admission on {len(gate.known)} GPUs did not admit: {decision}")
         gate.ledger.release(decision.reservation, decision.pools)
         end = time.perf_counter_ns()
         decide.append((middle - start) / 1000)
         release.append((end - middle) / 1000)
     total = [d + r for d, r in zip(decide, release, strict=True)]
-    return {"part": f"admission ({occupancy})", "gpus": gpus, "queued": queued, **stats(total),
-            "decide_p50_us": round(percentile(decide, 50), 1), "decide_p99_us": round(percentile(decide, 99), 1),
-            "release_p99_us": round(percentile(release, 99), 1)}
+    return {**stats(total), "decide_p50_us": round(percentile(decide, 50), 1),
+            "decide_p99_us": round(percentile(decide, 99), 1), "release_p99_us": round(percentile(release, 99), 1)}
