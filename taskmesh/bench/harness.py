@@ -151,7 +151,7 @@ class CpuSampler:
         self._thread.join()
 
     def mean(self, start: float, end: float) -> float | None:
-        """Mean percent over samples whose period ended in (start + one period, end]."""
+        """Mean percent over the sampling periods that lie wholly between *start* and *end*."""
         inside = [p for t, p in self.samples if start + self.period_s <= t <= end]
         return round(sum(inside) / len(inside), 1) if inside else None
 

@@ -33,6 +33,8 @@ from ..registry import GpuRecord, Registry, WorkerRecord
 from ..requirements import Requirement
 from .synthetic import Host
 
+HOST_MEMORY_MIB = 1024 * 1024  # simulated hosts' RAM: GPU tasks here declare none, so it never binds
+
 
 class HostMemory:
     """What a simulated host's GPUs show as used: stands in for the Redis hash that
@@ -46,6 +48,8 @@ class HostMemory:
 
 
 class Worker:
+    """One simulated ``celery worker`` for one GPU: its gate, pool slots, queues and held message."""
+
     __slots__ = ("node", "gate", "gpu", "memory", "slots", "queues", "running", "held", "held_since", "token",
                  "blocked")
 
@@ -76,6 +80,8 @@ class Outcome:
 
 
 class Simulation:
+    """One run: a fleet, a batch of jobs sent at time 0, a ledger; ``run()`` plays it to the end."""
+
     def __init__(self, fleet: Sequence[Host], reqs: Sequence[Requirement], jobs: Sequence[tuple[int, float]],
                  ledger: LedgerLike, broker: str, slots: int = 4, record: bool = False,
                  producer_calls_per_class: int | None = None) -> None:
@@ -98,12 +104,12 @@ class Simulation:
             provider = SimulatedProvider(host.spec, host=host.name, control=memory)
             for gpu in provider.snapshot():
                 gate = Gate(host=host.name, provider=provider, ledger=ledger, config=self.config,
-                            gpu_uuids=(gpu.uuid,), cpu_threads=64, memory_total_mib=1024 * 1024)
+                            gpu_uuids=(gpu.uuid,), cpu_threads=64, memory_total_mib=HOST_MEMORY_MIB)
                 node = f"gpu{gpu.index}@{host.name}"
                 workers.append(Worker(node, gate, gpu, memory, slots))
                 registry.announce(WorkerRecord(
                     node=node, incarnation="sim", host=host.name, queues=("gpu",), cpu_threads=64,
-                    memory_total_mib=1024 * 1024,
+                    memory_total_mib=HOST_MEMORY_MIB,
                     gpus=(GpuRecord(gpu.uuid, gpu.index, gpu.name, gpu.memory_total_mib, gpu.compute_capability),)))
         return workers
 
