@@ -16,6 +16,7 @@ from typing import Any
 import click
 from celery.app.utils import find_app
 
+from .bench.command import bench
 from .config import Config, load_config
 from .errors import TaskmeshError
 from .exporter import exporter
@@ -212,7 +213,7 @@ def rebalance(ctx: click.Context) -> None:
     click.echo(json.dumps(run(load_app(path)), indent=2))
 
 
-COMMANDS = (worker, up, doctor, rebalance, status, top, exporter)
+COMMANDS = (worker, up, doctor, rebalance, status, top, exporter, bench)
 
 
 @click.group()

@@ -26,7 +26,7 @@ import psutil
 
 from .config import AdmissionConfig
 from .gpu import GpuInfo, GpuProvider
-from .ledger import Claim, Ledger, gpu_pool, host_memory_pool, host_threads_pool
+from .ledger import Claim, LedgerLike, gpu_pool, host_memory_pool, host_threads_pool
 from .profiles import Profile
 from .requirements import Requirement
 
@@ -78,7 +78,7 @@ class Gate:
         *,
         host: str,
         provider: GpuProvider,
-        ledger: Ledger,
+        ledger: LedgerLike,
         config: AdmissionConfig,
         gpu_uuids: Sequence[str] | None,
         cpu_threads: int,

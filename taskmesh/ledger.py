@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 import redis
 
@@ -105,6 +106,20 @@ class Refusal:
 
     def __str__(self) -> str:
         return f"{self.pool}: {self.used} in use + {self.amount} asked > {self.capacity}"
+
+
+@runtime_checkable
+class LedgerLike(Protocol):
+    """What the gate and the admission controller use of a ledger: ``Ledger`` in Redis, or
+    ``taskmesh.bench.memory_ledger.MemoryLedger`` for the fleet simulator (same decisions)."""
+
+    def reserve(self, reservation: str, claims: Sequence[Claim]) -> Refusal | None: ...
+
+    def release(self, reservation: str, pools: Iterable[str]) -> None: ...
+
+    def refresh(self, reservations: Sequence[str], pools: Iterable[str]) -> int: ...
+
+    def used(self, pools: Sequence[str]) -> dict[str, int]: ...
 
 
 class Ledger:

@@ -1,0 +1,3 @@
+from .command import bench
+
+bench(prog_name="python -m taskmesh.bench")

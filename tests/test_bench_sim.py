@@ -1,0 +1,116 @@
+"""The fleet simulator's seams: the in-memory ledger answers exactly as the Redis one,
+and a simulated fleet — driven by the real gate, ledger and producer checks — gives
+the same schedule with either ledger, never oversubscribes a GPU, and refuses work no
+GPU can run."""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+
+import redis
+
+from taskmesh.bench.fleet import FULL, simulate
+from taskmesh.bench.memory_ledger import MemoryLedger
+from taskmesh.bench.synthetic import GPU_KINDS, TASK_CLASSES, kind_gpu, lower_bound, make_fleet
+from taskmesh.gate import fits
+from taskmesh.ledger import Claim, Ledger, LedgerLike
+
+POOLS = ("gpu:a", "gpu:b", "host:h:threads")
+CAPACITY = {"gpu:a": 100, "gpu:b": 60, "host:h:threads": 8}
+
+
+def random_operations(seed: int, count: int) -> list[tuple[str, object]]:
+    rng = random.Random(seed)
+    ops: list[tuple[str, object]] = []
+    for _ in range(count):
+        reservation = f"r{rng.randrange(40)}"
+        pools = rng.sample(POOLS, rng.randint(1, len(POOLS)))
+        kind = rng.choices(["reserve", "release", "refresh", "used"], weights=[6, 3, 1, 1])[0]
+        if kind == "reserve":
+            ops.append((kind, (reservation, [Claim(p, rng.randint(1, CAPACITY[p] // 2), CAPACITY[p]) for p in pools])))
+        elif kind == "release":
+            ops.append((kind, (reservation, pools)))
+        elif kind == "refresh":
+            ops.append((kind, ([reservation, f"r{rng.randrange(40)}"], pools)))
+        else:
+            ops.append((kind, (list(pools),)))
+    return ops
+
+
+def apply(ledger: LedgerLike, op: tuple[str, object]) -> object:
+    kind, args = op
+    return getattr(ledger, kind)(*args)
+
+
+def test_the_memory_ledger_gives_every_answer_the_redis_ledger_gives(broker):
+    on_redis, in_memory = Ledger(broker, ttl_s=3600), MemoryLedger(ttl_s=3600)
+    assert isinstance(in_memory, LedgerLike)
+    answers = collections.Counter()
+    for op in random_operations(seed=3, count=1500):
+        expected, got = apply(on_redis, op), apply(in_memory, op)
+        assert got == expected, op
+        answers[(op[0], expected is None)] += 1
+    for pool in POOLS:
+        assert in_memory.holders(pool) == on_redis.holders(pool)
+    assert answers[("reserve", True)] > 100 and answers[("reserve", False)] > 100  # both granted and refused
+
+
+def test_the_memory_ledger_expires_and_refreshes_like_the_redis_ledger(broker):
+    on_redis, in_memory = Ledger(broker, ttl_s=0.3), MemoryLedger(ttl_s=0.3)
+    claim = [Claim("gpu:a", 80, 100)]
+    for ledger in (on_redis, in_memory):
+        assert ledger.reserve("kept", claim) is None
+        assert ledger.reserve("dropped", [Claim("gpu:b", 50, 60)]) is None
+    time.sleep(0.15)
+    assert in_memory.refresh(["kept"], ["gpu:a"]) == on_redis.refresh(["kept"], ["gpu:a"]) == 1
+    time.sleep(0.25)
+    for ledger in (on_redis, in_memory):
+        assert ledger.used(["gpu:a", "gpu:b"]) == {"gpu:a": 80, "gpu:b": 0}
+        assert ledger.reserve("new", [Claim("gpu:b", 50, 60)]) is None  # the dead one no longer counts
+        assert ledger.reserve("late", claim) is not None  # the refreshed one still does
+
+
+def test_a_simulated_fleet_gives_the_same_schedule_with_either_ledger(redis_server):
+    params = {**FULL, "producer_calls_per_class": None}
+    _, on_redis = simulate(16, 300, "redis", params, f"{redis_server}/0", record=True)
+    _, in_memory = simulate(16, 300, "memory", params, f"{redis_server}/0", record=True)
+    assert in_memory.out.schedule == on_redis.out.schedule
+    assert in_memory.out.waits == on_redis.out.waits and in_memory.out.waits > 0
+
+
+def test_a_simulated_fleet_never_oversubscribes_and_runs_big_tasks_only_where_they_fit(redis_server):
+    params = {**FULL, "producer_calls_per_class": None}
+    row, sim = simulate(32, 3000, "memory", params, f"{redis_server}/0", record=True)
+    out = sim.out
+    margin = sim.config.safety_margin_mib
+    gpus = {w.gpu.uuid: w.gpu for w in sim.workers}
+    names = [c.name for c in TASK_CLASSES]
+    too_big = sum(1 for cls, _ in sim.jobs if names[cls] == "too-big")
+    assert too_big and out.rejected == too_big and out.admitted == len(sim.jobs) - too_big
+    edges = collections.defaultdict(list)
+    for job, uuid, start, end, amount in out.schedule:
+        edges[uuid] += [(start, amount), (end, -amount)]
+        requirement = sim.reqs[sim.jobs[job][0]]
+        assert fits(gpus[uuid], requirement, margin), (names[sim.jobs[job][0]], gpus[uuid].memory_total_mib)
+    for uuid, changes in edges.items():
+        in_use = 0
+        for _, delta in sorted(changes, key=lambda c: (c[0], c[1])):  # ends before starts at the same instant
+            in_use += delta
+            assert in_use <= gpus[uuid].memory_total_mib - margin
+    kinds = {kind_gpu(k).memory_total_mib: k for k in GPU_KINDS}
+    ran_on = collections.defaultdict(set)
+    for job, uuid, *_ in out.schedule:
+        ran_on[names[sim.jobs[job][0]]].add(kinds[gpus[uuid].memory_total_mib])
+    assert ran_on["llm-70b"] == {"h100"} and ran_on["fp8-kernel"] == {"h100"}
+    assert ran_on["embed"] == {"h100", "a6000", "l4"}
+    bound = lower_bound(make_fleet(32), sim.jobs, sim.reqs, 4, margin)
+    assert out.makespan_s >= bound["bound_s"] and row["bound_s"] == bound["bound_s"]
+
+
+def test_the_producer_refuses_what_no_gpu_can_run_and_counts_it_in_redis(redis_server):
+    params = {**FULL, "producer_calls_per_class": None}
+    _, sim = simulate(8, 2000, "memory", params, f"{redis_server}/0")
+    client = redis.Redis.from_url(f"{redis_server}/0")
+    assert int(client.hget("taskmesh:counters", "infeasible")) == sim.out.rejected > 0
