@@ -45,16 +45,34 @@ class SubmitPolicy:
         self.config = app.taskmesh_config
         self.registry = Registry(app.redis(), memory_s=self.config.admission.registry_memory_s,
                                  alive_s=self.config.admission.reservation_ttl_s)
-        self._cached: tuple[float, list[WorkerRecord]] = (0.0, [])
+        self._cached: tuple[float, list[WorkerRecord], Capacity] = (0.0, [], Registry.summarise([]))
+        self._verdicts: dict[Requirement, tuple[str | None, bool]] = {}  # per registry view: problem, fits all
         self._registered: set[str] = set()
         self._warned: set[str] = set()
 
     def workers(self) -> list[WorkerRecord]:
-        at, records = self._cached
+        return self._view()[0]
+
+    def _view(self) -> tuple[list[WorkerRecord], Capacity]:
+        at, records, capacity = self._cached
         if time.monotonic() - at > REGISTRY_CACHE_S:
             records = self.registry.workers()
-            self._cached = (time.monotonic(), records)
-        return records
+            capacity = Registry.summarise(records)
+            self._cached = (time.monotonic(), records, capacity)
+            self._verdicts.clear()
+        return records, capacity
+
+    def _verdict(self, requirement: Requirement) -> tuple[str | None, bool, Capacity]:
+        """What the fleet says of *requirement*, worked out once per registry view."""
+        _, capacity = self._view()
+        if requirement not in self._verdicts:
+            margin = self.config.admission.safety_margin_mib
+            self._verdicts[requirement] = (
+                infeasible(requirement, capacity, margin),
+                all(fits(g, requirement, margin) for g in capacity.gpus),
+            )
+        problem, fits_all = self._verdicts[requirement]
+        return problem, fits_all, capacity
 
     def prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any]) -> None:
         """Adjust *options* (queue, headers) or raise; nothing has been sent yet."""
@@ -74,8 +92,7 @@ class SubmitPolicy:
             options["queue"] = queue
 
     def _place(self, task_name: str, requirement: Requirement, queue: str, explicit: bool) -> str:
-        capacity = Registry.summarise(self.workers())
-        problem = infeasible(requirement, capacity, self.config.admission.safety_margin_mib)
+        problem, fits_all, capacity = self._verdict(requirement)
         if problem:
             self.registry.count("infeasible")
             message = f"task {task_name!r} can never run: {problem}; nothing was sent"
@@ -92,8 +109,7 @@ class SubmitPolicy:
                 self._warned.add(task_name)
                 log.warning("%s: no GPU worker has registered yet; queued on %s unchecked", task_name, queue)
             return queue
-        margin = self.config.admission.safety_margin_mib
-        if explicit or all(fits(g, requirement, margin) for g in capacity.gpus):
+        if explicit or fits_all:
             return queue
         name = need_queue(requirement)
         if name not in self._registered:

@@ -15,14 +15,12 @@ from typing import Any
 
 import click
 from celery.app.utils import find_app
+from kombu.utils.imports import symbol_by_name
 
-from .bench.command import bench
 from .config import Config, load_config
 from .errors import TaskmeshError
-from .exporter import exporter
 from .hardware import Inventory, detect
 from .stack import Stack, StackError, StackOptions, free_port
-from .top import status, top
 from .workers import GROUP_PROFILES, PlanError, plan_workers
 
 DEMO_APP = "taskmesh.demo"
@@ -213,10 +211,28 @@ def rebalance(ctx: click.Context) -> None:
     click.echo(json.dumps(run(load_app(path)), indent=2))
 
 
-COMMANDS = (worker, up, doctor, rebalance, status, top, exporter, bench)
+COMMANDS = (worker, up, doctor, rebalance)
+#: Commands whose modules pull in rich, prometheus-client or the benchmarks: imported
+#: only when run, because Celery imports this module for every ``celery`` command.
+LAZY_COMMANDS = {
+    "status": "taskmesh.top:status",
+    "top": "taskmesh.top:top",
+    "exporter": "taskmesh.exporter:exporter",
+    "bench": "taskmesh.bench.command:bench",
+}
 
 
-@click.group()
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in LAZY_COMMANDS:
+            return symbol_by_name(LAZY_COMMANDS[name])
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup)
 @click.option("-A", "--app", "app", default=None, help="The Celery app, e.g. myapp.tasks.")
 @click.option("--hardware", default=None, help="Hardware config name or path (env TASKMESH_HARDWARE).")
 @click.pass_context
@@ -227,7 +243,7 @@ def cli(ctx: click.Context, app: str | None, hardware: str | None) -> None:
     ctx.meta["taskmesh.app"] = app
 
 
-@click.group(name="taskmesh")
+@click.group(name="taskmesh", cls=LazyGroup)
 @click.pass_context
 def celery_command(ctx: click.Context) -> None:
     """taskmesh commands inside ``celery -A app taskmesh ...``."""
