@@ -20,15 +20,16 @@ import redis
 
 from ..app import BROKER_ENV
 from . import plain_app, tm_app
-from .harness import CpuSampler, LocalRedis, Processes, cores, wait_for_records, wait_for_workers
+from .harness import CpuSampler, LocalRedis, Processes, cores, python_argv, wait_for_records, wait_for_workers
 from .scenario import Context, Result, ratio
-from .systems import start_plain, start_taskmesh, taskmesh_env
+from .systems import TASKMESH_APP, start_plain, start_taskmesh, taskmesh_env
 
 TITLE = "Mixed workload: total time against plain Celery and the lower bound"
 FULL = {
     "gpus": 2, "gpu_slots": 1, "io_concurrency": 100, "seed": 7,
     "gpu_tasks": 24, "gpu_s": 2.0, "cpu_tasks": 48, "cpu_s": 1.0, "io_tasks": 100, "io_s": 0.5,
     "systems": ["taskmesh", "baseline", "taskmesh_all"],
+    "rebalance_interval_s": 1.0,
 }
 SMOKE = {**FULL, "gpus": 1, "gpu_tasks": 2, "gpu_s": 0.2, "cpu_tasks": 2, "cpu_s": 0.2, "io_tasks": 4, "io_s": 0.1,
          "systems": ["taskmesh", "baseline"]}
@@ -97,6 +98,10 @@ def run_system(system: str, params: dict[str, Any], broker: str, ctx: Context, c
             names = plain_app.NAMES
         else:
             app = tm_app.make_app(broker)
+            if system == "taskmesh_all":  # the documented stack: every group, and beat running the rebalancer
+                env["TASKMESH_REBALANCE_INTERVAL_S"] = str(params["rebalance_interval_s"])
+                procs.start("beat", python_argv("celery", "-A", TASKMESH_APP, "beat", "-s",
+                                                str(logdir / "beat-schedule"), "--loglevel", "WARNING"), env)
             specs = start_taskmesh(procs, app, GROUPS[system], env, logdir)
             nodes = [spec.nodename for spec in specs]
             plan = [{"node": s.nodename, "queue": s.queue, "pool": s.pool, "concurrency": s.concurrency}
