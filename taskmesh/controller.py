@@ -118,6 +118,8 @@ class AdmissionController:
     def _hold(self, held: Held) -> None:
         self.held.append(held)
         self.counters["held"] += 1
+        if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
+            self._requeue_held("this worker's GPUs are unhealthy")
         self._update_intake()
 
     def _reroute(self, message: Any, queue: str, requirement: Requirement) -> None:
