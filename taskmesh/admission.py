@@ -49,7 +49,7 @@ from .registry import Registry
 log = logging.getLogger(__name__)
 TICK_S = 0.5
 HEARTBEAT_S = 2.0
-MIN_BEAT_S = 0.2
+MIN_BEAT_S = 1.0
 
 
 class AdmittedRequest(Request):

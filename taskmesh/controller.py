@@ -401,7 +401,7 @@ class AdmissionController:
         dispatcher = getattr(self.consumer, "event_dispatcher", None)
         if dispatcher is None:
             return
-        summary = (bool(self.paused_queues), len(self.held), len(self.reservations), tuple(self.reasons))
+        summary = (bool(self.paused_queues), len(self.held), tuple(self.reasons))  # not per task: too chatty
         now = time.monotonic()
         if summary == self._last_state and now - self._last_event < EVENT_EVERY_S:
             return

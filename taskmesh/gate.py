@@ -111,10 +111,13 @@ class Gate:
         )
 
     def host_claims(self, requirement: Requirement, cpu_path: bool) -> list[Claim]:
+        """What a task declares of its host. A single-threaded task claims no thread: pool
+        sizes already bound those (planning and the rebalancer keep processes x threads
+        within the budget), and skipping the ledger keeps such tasks free of Redis calls."""
         claims = []
         if requirement.memory_mib:
             claims.append(Claim(host_memory_pool(self.host), requirement.memory_mib, self.memory_total_mib))
-        if cpu_path and requirement.profile in (Profile.CPU_INTENSIVE, Profile.MIXED):
+        if cpu_path and requirement.cpu_threads > 1 and requirement.profile in (Profile.CPU_INTENSIVE, Profile.MIXED):
             claims.append(Claim(host_threads_pool(self.host), requirement.cpu_threads, self.cpu_threads))
         return claims
 
