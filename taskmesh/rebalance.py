@@ -83,8 +83,11 @@ def _run(app: Any, client: Any, config: Any) -> dict[str, Any]:
     workers = [_worker_view(r, states.get(r.node, {})) for r in alive]
     queues = _queue_views(app, client, registry, workers)
     resized = {k.decode(): float(v) for k, v in client.hgetall(RESIZED).items()}
-    fresh = [w for w in workers if states.get(w.node, {}).get("updated", 0) > resized.get(w.node, 0)]
-    decisions = assist_moves(queues, workers, config) + pool_sizes(queues, fresh, config)
+    # A pool resized since its worker last announced is not known yet: leave its whole host alone
+    # this run, since the thread budget is shared by every pool on the host.
+    unsettled = {w.host for w in workers if states.get(w.node, {}).get("updated", 0) <= resized.get(w.node, 0)}
+    settled = [w for w in workers if w.host not in unsettled]
+    decisions = assist_moves(queues, workers, config) + pool_sizes(queues, settled, config)
     decisions += _reroutes(app, client, queues, workers, config)
     groups_seen = sorted({r.node.split("@", 1)[0] for r in records if not r.stopped})
     found = alerts(queues, workers, config, groups_seen)

@@ -15,4 +15,5 @@ SCENARIOS = {
     "utilisation": "taskmesh.bench.utilisation",
     "real_gpu": "taskmesh.bench.real_gpu",
     "fleet": "taskmesh.bench.fleet",
+    "rebalance": "taskmesh.bench.rebalance",
 }
