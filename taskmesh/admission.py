@@ -39,7 +39,8 @@ from celery.worker.control import control_command
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
-from .controller import AdmissionController, gpu_summary
+from .activity import gpu_summary
+from .controller import AdmissionController
 from .gate import Gate
 from .gpu import provider_from_env
 from .hardware import detect

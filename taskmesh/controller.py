@@ -21,11 +21,11 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
+from .activity import GpuActivity
 from .gate import Admitted, Gate, Reroute, Wait, fits
 from .profiles import Profile
 from .registry import GpuRecord, Registry, WorkerRecord
 from .requirements import HEADER, Requirement
-from .sizes import format_mib
 
 log = logging.getLogger(__name__)
 GPUS_HEADER = "taskmesh_gpus"
@@ -66,7 +66,7 @@ class AdmissionController:
         self.paused_queues: list[str] = []
         self.counters = collections.Counter()
         self._flushed = collections.Counter()  # counters already added to the fleet totals
-        self.on_gpu: dict[str, dict[str, Any]] = {}  # uuid → running tasks, tasks done, idle since
+        self.activity = GpuActivity()
         self.assist: str | None = None  # the extra queue the rebalancer asked this worker to serve
         self.runtimes: collections.Counter[str] = collections.Counter()  # "q:<queue>:sum"/":count", "t:<task>:..."
         self.subscribed: set[str] = set()
@@ -108,9 +108,7 @@ class AdmissionController:
         queue = (message.delivery_info or {}).get("routing_key")
         with self.lock:
             self.reservations[task_id] = Running(decision, time.monotonic(), queue, message.headers.get("task"))
-            for uuid in decision.gpus:
-                gpu = self._gpu_activity(uuid)
-                gpu["running"][task_id] = {"task": message.headers.get("task"), "started": time.time()}
+            self.activity.started(decision.gpus, task_id, message.headers.get("task"))
         self.counters["admitted"] += 1
         held.proceed()
         return True
@@ -148,12 +146,8 @@ class AdmissionController:
         with self.lock:
             entry = self.reservations.pop(task_id, None)
             self.tags.pop(task_id, None)
-            for uuid in entry.admitted.gpus if entry else ():
-                gpu = self._gpu_activity(uuid)
-                gpu["running"].pop(task_id, None)
-                gpu["done"] += 1
-                if not gpu["running"]:
-                    gpu["idle_since"] = time.time()
+            if entry is not None:
+                self.activity.ended(entry.admitted.gpus, task_id)
         if entry is not None:
             self.gate.ledger.release(entry.admitted.reservation, entry.admitted.pools)
             self.counters["released"] += 1
@@ -200,9 +194,6 @@ class AdmissionController:
         del self.pool_history[:-20]
         self.changed.set()
         return size
-
-    def _gpu_activity(self, uuid: str) -> dict[str, Any]:
-        return self.on_gpu.setdefault(uuid, {"running": {}, "done": 0, "idle_since": time.time()})
 
     def retry_held(self) -> None:
         while self.held and not self._blocked():
@@ -356,7 +347,7 @@ class AdmissionController:
         pools = self.gate.pools()
         used = self.gate.ledger.used(pools)
         with self.lock:
-            activity = {uuid: {**a, "running": dict(a["running"])} for uuid, a in self.on_gpu.items()}
+            activity = {uuid: self.activity.of(uuid) for uuid in self.gate.known}
         gpus = [
             {
                 "index": g.index,
@@ -369,9 +360,7 @@ class AdmissionController:
                 "utilization_percent": g.utilization_percent,
                 "temperature_c": g.temperature_c,
                 "power_w": g.power_w,
-                "running": [{"id": tid, **info} for tid, info in activity.get(g.uuid, {}).get("running", {}).items()],
-                "tasks_done": activity.get(g.uuid, {}).get("done", 0),
-                "idle_since": activity.get(g.uuid, {}).get("idle_since"),
+                **activity[g.uuid],
             }
             for g in self.gate.known.values()
         ]
@@ -408,17 +397,3 @@ class AdmissionController:
         self._last_state, self._last_event = summary, now
         dispatcher.send("worker-taskmesh", taskmesh=self.state())
 
-
-def gpu_summary(state: dict[str, Any]) -> str:
-    """One plain line per GPU of *state*, for Flower's worker page.
-
-    Flower lists extra ``stats`` entries as their ``str()``, so the detailed
-    ``taskmesh`` dict shows there as one long Python repr; this line is what an
-    operator reads at a glance: model, reserved of total, observed free, health.
-    """
-    return "; ".join(
-        f"GPU {g['index']} {g['name']}: {format_mib(g['memory_reserved_mib'])} of "
-        f"{format_mib(g['memory_total_mib'])} reserved, {format_mib(g['memory_free_observed_mib'])} free, "
-        f"{'healthy' if g['healthy'] else 'UNHEALTHY'}, {len(g['running'])} running"
-        for g in state["gpus"]
-    )
