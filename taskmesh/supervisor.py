@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0
@@ -156,6 +156,19 @@ class Supervisor:
         for child in self.children:
             if child.log is not None:
                 child.log.close()
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
+    """SIGTERM (warm shutdown), wait, then SIGKILL what is left of its process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc.pid)
+    if proc.poll() is None:
+        proc.wait(10)
 
 
 def _kill_group(pgid: int) -> None:

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
 from taskmesh.stack import free_port
+from taskmesh.supervisor import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,18 +104,7 @@ class Processes:
         return self.start([sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel", "WARNING", *args], env)
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if proc.poll() is None:
-            proc.wait(10)
+        stop_process(proc, grace_s=timeout)
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -142,3 +132,15 @@ def wait_for_workers(app, names: list[str], timeout: float = 60) -> None:
 def queue_depth(client: redis.Redis, queue: str) -> int:
     """Messages waiting in *queue* over every Redis priority sub-list."""
     return sum(client.llen(key) for key in [queue] + [f"{queue}\x06\x16{p}" for p in (1, 2, 3, 4, 5, 6, 7, 8, 9)])
+
+
+def marked(marker: str) -> list[psutil.Process]:
+    """Processes that inherited a test's ``TASKMESH_TEST_MARKER`` in their environment."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("TASKMESH_TEST_MARKER") == marker:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found

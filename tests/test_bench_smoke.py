@@ -9,25 +9,13 @@ import subprocess
 import sys
 import uuid
 
-import psutil
 import pytest
 
 from taskmesh.bench import SCENARIOS
 
-from .conftest import ROOT
+from .conftest import ROOT, marked
 
 RESULT_KEYS = {"name", "title", "status", "reason", "params", "metrics", "rows", "targets", "notes", "seconds"}
-
-
-def left_behind(marker: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("TASKMESH_TEST_MARKER") == marker:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
 
 
 @pytest.mark.slow
@@ -54,9 +42,9 @@ def test_smoke_runs_every_scenario_writes_json_and_leaves_no_process(tmp_path):
                                                                         "taskmesh_over_bound"}
         assert scenarios["fleet"]["metrics"]["ledgers_agree"] is True
         assert "[mixed]" in done.stdout and "makespan_s" in done.stdout
-        assert left_behind(marker) == []
+        assert marked(marker) == []
     finally:
-        for proc in left_behind(marker):
+        for proc in marked(marker):
             proc.kill()
 
 

@@ -25,8 +25,7 @@ from playwright.sync_api import Error as PlaywrightError
 from taskmesh.gpu import SimulationControl
 from taskmesh.stack import free_port, port_in_use
 
-from .conftest import wait_for_workers
-from .test_up import marked
+from .conftest import marked, wait_for_workers
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -8,22 +8,9 @@ import sys
 import time
 import uuid
 
-import psutil
 import requests
 
-from .conftest import ROOT
-
-
-def marked(marker: str) -> list[psutil.Process]:
-    """Processes that inherited this test's marker in their environment."""
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get("TASKMESH_TEST_MARKER") == marker:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+from .conftest import ROOT, marked
 
 
 def kill_leftovers(marker: str) -> None:

@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import psutil
 import redis
 
 from ..stack import free_port, redis_command, wait_for_redis
+from ..supervisor import stop_process
 
 DONE_KEY = "bench:done"
 
@@ -50,21 +50,6 @@ class LocalRedis:
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)
 
-
-def stop_process(proc: subprocess.Popen[Any], grace_s: float = 40.0) -> None:
-    """SIGTERM, wait, then SIGKILL what is left of its process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if proc.poll() is None:
-        proc.wait(10)
 
 
 class Processes:
