@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from .depth import queue_depths
+from .depth import app_queue_depths
 from .errors import InfeasibleRequirement, QueueFull
 from .gate import fits, need_queue
 from .ledger import Ledger, gpu_pool
@@ -134,11 +134,7 @@ class SubmitPolicy:
     def _waiting(self, queues: list[str]) -> int:
         if "gpu" in queues:
             queues = queues + list(self.registry.need_queues())
-        options = self.app.conf.broker_transport_options or {}
-        depths = queue_depths(
-            self.app.redis(), queues, priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
-            keyprefix=options.get("global_keyprefix", ""), count_in_flight=False,
-        )
+        depths = app_queue_depths(self.app, queues, client=self.app.redis(), count_in_flight=False)
         return sum(d.waiting for d in depths.values())
 
     def _wait_for_room(self, task_name: str, queue: str, max_depth: int) -> None:

@@ -31,7 +31,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .app import ENQUEUED_AT
 
-__all__ = ["QueueDepth", "app_queue_depths", "queue_depths"]
+__all__ = ["QueueDepth", "app_queue_depths", "layout", "priority_key", "queue_depths"]
 
 PRIORITY_STEPS = (0, 3, 6, 9)  # kombu.transport.redis.PRIORITY_STEPS
 SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
@@ -48,7 +48,7 @@ class QueueDepth:
     by_priority: Mapping[int, int] = dataclasses.field(hash=False)  # waiting per priority step
 
 
-def _key(queue: str, step: int, sep: str, keyprefix: str) -> str:
+def priority_key(queue: str, step: int, sep: str = SEP, keyprefix: str = "") -> str:
     """``Channel._q_for_pri``: step 0 is the bare queue name, others are suffixed."""
     return f"{keyprefix}{queue}{sep}{step}" if step else f"{keyprefix}{queue}"
 
@@ -97,7 +97,7 @@ def queue_depths(
     with client.pipeline(transaction=True) as pipe:
         for queue in names:
             for step in steps:
-                key = _key(queue, step, sep, keyprefix)
+                key = priority_key(queue, step, sep, keyprefix)
                 pipe.llen(key)
                 pipe.lindex(key, -1)  # the next out: normally the oldest
                 pipe.lindex(key, 0)  # the last in, or a message requeued behind the others
@@ -132,11 +132,33 @@ def queue_depths(
     }
 
 
-def app_queue_depths(app: Celery, queues: Iterable[str] | None = None) -> dict[str, QueueDepth]:
+def layout(app: Celery) -> dict[str, Any]:
+    """kombu's Redis key layout for *app*'s transport options: ``queue_depths``'s keywords."""
+    options = app.conf.broker_transport_options or {}
+    return {
+        "priority_steps": options.get("priority_steps", PRIORITY_STEPS),
+        "sep": options.get("sep", SEP),
+        "keyprefix": options.get("global_keyprefix", ""),
+        "unacked_key": options.get("unacked_key", "unacked"),
+    }
+
+
+def app_queue_depths(
+    app: Celery,
+    queues: Iterable[str] | None = None,
+    *,
+    client: redis.Redis | None = None,
+    count_in_flight: bool = True,
+) -> dict[str, QueueDepth]:
     """``queue_depths`` for a Celery app's Redis broker and transport options.
 
-    *queues* defaults to the names in ``app.conf.task_queues``.
+    *queues* defaults to the names in ``app.conf.task_queues``. Without *client*, one is
+    opened on the broker for this call and closed after it.
     """
+    if queues is None:
+        queues = [queue.name for queue in app.conf.task_queues or ()]
+    if client is not None:
+        return queue_depths(client, queues, count_in_flight=count_in_flight, **layout(app))
     conf = app.conf
     url = conf.broker_write_url or conf.broker_url
     if isinstance(url, list | tuple):  # a failover list: the first is the one in use
@@ -147,18 +169,8 @@ def app_queue_depths(app: Celery, queues: Iterable[str] | None = None) -> dict[s
             f"queue depth needs a Redis broker (redis://, rediss://, unix://); app {app.main!r} has "
             f"{maybe_sanitize_url(url) or 'none'!r}: set broker_url"
         )
-    options = conf.broker_transport_options or {}
-    if queues is None:
-        queues = [queue.name for queue in conf.task_queues or ()]
     client = redis.Redis.from_url(url)
     try:
-        return queue_depths(
-            client,
-            queues,
-            priority_steps=options.get("priority_steps", PRIORITY_STEPS),
-            sep=options.get("sep", SEP),
-            keyprefix=options.get("global_keyprefix", ""),
-            unacked_key=options.get("unacked_key", "unacked"),
-        )
+        return queue_depths(client, queues, count_in_flight=count_in_flight, **layout(app))
     finally:
         client.close()

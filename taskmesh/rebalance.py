@@ -24,7 +24,7 @@ import uuid
 from typing import Any
 
 from .backpressure import family
-from .depth import queue_depths
+from .depth import app_queue_depths, layout, priority_key
 from .profiles import QUEUES, Profile
 from .rebalance_policy import (
     Decision,
@@ -132,10 +132,8 @@ def _worker_view(record: Any, state: dict[str, Any]) -> WorkerView:
 
 
 def _queue_views(app: Any, client: Any, registry: Registry, workers: list[WorkerView]) -> dict[str, QueueView]:
-    options = app.conf.broker_transport_options or {}
     names = list(QUEUES) + sorted(registry.need_queues())
-    depths = queue_depths(client, names, priority_steps=options.get("priority_steps", (0, 3, 6, 9)),
-                          keyprefix=options.get("global_keyprefix", ""))
+    depths = app_queue_depths(app, names, client=client)
     runtimes = registry.mean_runtimes("q:")
     views = {}
     for name, depth in depths.items():
@@ -172,13 +170,12 @@ def _reroutes(app: Any, client: Any, queues: dict[str, QueueView], workers: list
 
 def move_fallbacks(app: Any, client: Any, source: str, target: str, limit: int) -> int:
     """Atomically move up to *limit* waiting messages whose task falls back to *target*."""
-    options = app.conf.broker_transport_options or {}
-    prefix, sep = options.get("global_keyprefix", ""), options.get("sep", "\x06\x16")
+    keys = layout(app)
     move = client.register_script(_MOVE)
     moved = 0
-    for step in options.get("priority_steps", (0, 3, 6, 9)):
-        suffix = f"{sep}{step}" if step else ""
-        source_key, target_key = f"{prefix}{source}{suffix}", f"{prefix}{target}{suffix}"
+    for step in keys["priority_steps"]:
+        source_key = priority_key(source, step, keys["sep"], keys["keyprefix"])
+        target_key = priority_key(target, step, keys["sep"], keys["keyprefix"])
         for raw in client.lrange(source_key, 0, -1):  # newest first: the oldest keep their GPU turn
             if moved >= limit:
                 return moved
