@@ -96,7 +96,8 @@ class AdmissionController:
         """Decide for *held*; ``False`` means it must wait."""
         message = held.message
         task_id = message.headers.get("id")
-        decision = self.gate.decide(held.requirement, f"{self.node}/{task_id}")
+        # by incarnation: a restart under the same name must not adopt its predecessor's reservation
+        decision = self.gate.decide(held.requirement, f"{self.node}#{self.incarnation}/{task_id}")
         if isinstance(decision, Wait):
             self.counters["waits"] += 1
             self.reasons["waiting"] = decision.reason
