@@ -58,14 +58,14 @@ def test_the_memory_ledger_gives_every_answer_the_redis_ledger_gives(broker):
 
 
 def test_the_memory_ledger_expires_and_refreshes_like_the_redis_ledger(broker):
-    on_redis, in_memory = Ledger(broker, ttl_s=0.3), MemoryLedger(ttl_s=0.3)
+    on_redis, in_memory = Ledger(broker, ttl_s=2.0), MemoryLedger(ttl_s=2.0)
     claim = [Claim("gpu:a", 80, 100)]
     for ledger in (on_redis, in_memory):
         assert ledger.reserve("kept", claim) is None
         assert ledger.reserve("dropped", [Claim("gpu:b", 50, 60)]) is None
-    time.sleep(0.15)
+    time.sleep(1.0)
     assert in_memory.refresh(["kept"], ["gpu:a"]) == on_redis.refresh(["kept"], ["gpu:a"]) == 1
-    time.sleep(0.25)
+    time.sleep(1.2)  # past the dropped one's expiry, 0.8 s short of the refreshed one's
     for ledger in (on_redis, in_memory):
         assert ledger.used(["gpu:a", "gpu:b"]) == {"gpu:a": 80, "gpu:b": 0}
         assert ledger.reserve("new", [Claim("gpu:b", 50, 60)]) is None  # the dead one no longer counts

@@ -48,11 +48,11 @@ def test_release_frees_and_reserving_the_same_id_twice_counts_once(broker):
 
 
 def test_unrefreshed_reservations_expire_and_refreshed_ones_stay(broker):
-    ledger = Ledger(broker, ttl_s=1.0)
+    ledger = Ledger(broker, ttl_s=2.0)
     pool = gpu_pool("GPU-d")
     assert ledger.reserve("kept", [Claim(pool, 1000, 8000)]) is None
     assert ledger.reserve("dropped", [Claim(pool, 2000, 8000)]) is None
-    deadline = time.monotonic() + 1.6
+    deadline = time.monotonic() + 2.6
     while time.monotonic() < deadline:
         assert ledger.refresh(["kept"], [pool]) == 1
         time.sleep(0.3)
