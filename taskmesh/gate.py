@@ -123,17 +123,17 @@ class Gate:
 
     def decide(self, requirement: Requirement, reservation: str) -> Decision:
         if not requirement.needs_gpu:
-            return self._reserve(reservation, self.host_claims(requirement, cpu_path=True), ())
+            return self._reserve(reservation, self.host_claims(requirement, cpu_path=True))
         gpus = self.gpus()
         margin = self.config.safety_margin_mib
         possible = [g for g in gpus if fits(g, requirement, margin)]
         if len(possible) < requirement.gpus:
             if requirement.profile is Profile.MIXED or not gpus:
-                return self._reserve(reservation, self.host_claims(requirement, cpu_path=True), ())
+                return self._reserve(reservation, self.host_claims(requirement, cpu_path=True))
             return Reroute(need_queue(requirement))
         decision = self._reserve_gpus(requirement, reservation, [g for g in possible if g.healthy])
         if isinstance(decision, Wait) and requirement.profile is Profile.MIXED:
-            return self._reserve(reservation, self.host_claims(requirement, cpu_path=True), ())
+            return self._reserve(reservation, self.host_claims(requirement, cpu_path=True))
         return decision
 
     def _reserve_gpus(self, requirement: Requirement, reservation: str, gpus: list[GpuInfo]) -> Decision:
@@ -142,28 +142,30 @@ class Gate:
         ready = []
         for gpu in gpus:
             need = gpu.memory_total_mib - margin if exclusive else requirement.vram_mib
-            if gpu.memory_free_mib - margin >= need:
+            # a whole-GPU claim already leaves the margin out, which is what absorbs the driver's
+            # and a CUDA context's few hundred MiB that a real idle GPU always shows in use
+            room = gpu.memory_free_mib if exclusive else gpu.memory_free_mib - margin
+            if room >= need:
                 ready.append((gpu.memory_free_mib - need, gpu, need))
         if len(ready) < requirement.gpus:
             observed = ", ".join(f"GPU {g.index} {g.memory_free_mib} MiB free" for g in gpus) or "no healthy GPU"
             return Wait(f"observed: {observed}")
         ready.sort(key=lambda item: item[0])  # best fit: keep the big holes for big tasks
-        refusals = []
-        for start in range(len(ready) - requirement.gpus + 1):
-            chosen = ready[start : start + requirement.gpus]
-            claims = [Claim(gpu_pool(g.uuid), need, g.memory_total_mib - margin) for _, g, need in chosen]
-            claims += self.host_claims(requirement, cpu_path=False)
-            decision = self._reserve(reservation, claims, tuple(g.uuid for _, g, _ in chosen))
-            if isinstance(decision, Admitted):
-                return decision
-            refusals.append(decision.reason)
-        return Wait("; ".join(refusals))
+        windows = [ready[start : start + requirement.gpus] for start in range(len(ready) - requirement.gpus + 1)]
+        host = self.host_claims(requirement, cpu_path=False)
+        options = [[Claim(gpu_pool(g.uuid), need, g.memory_total_mib - margin) for _, g, need in w] + host
+                   for w in windows]
+        taken, refusals = self.ledger.reserve_first(reservation, options)
+        if taken is None:
+            return Wait("; ".join(f"ledger: {r}" for r in refusals))
+        return Admitted(reservation, tuple(c.pool for c in options[taken]), tuple(g.uuid for _, g, _ in windows[taken]))
 
-    def _reserve(self, reservation: str, claims: list[Claim], gpus: tuple[str, ...]) -> Decision:
+    def _reserve(self, reservation: str, claims: list[Claim]) -> Decision:
+        """The CPU path: the host's claims only."""
         refusal = self.ledger.reserve(reservation, claims)
         if refusal is not None:
             return Wait(f"ledger: {refusal}")
-        return Admitted(reservation, tuple(c.pool for c in claims), gpus)
+        return Admitted(reservation, tuple(c.pool for c in claims), ())
 
     def host_pressure(self) -> str | None:
         """A reason to stop taking CPU work on this host, or ``None``."""

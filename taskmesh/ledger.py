@@ -4,7 +4,8 @@ CPU threads and memory, kept in Redis so every worker on every host sees one tru
 Each pool (a GPU by UUID, a host's threads, a host's memory) is a hash of
 reservation id → amount plus a sorted set of reservation id → expiry (Redis server
 time). A reservation is taken for several pools at once, all or nothing, by one Lua
-script, so two workers racing for the last 10 GiB cannot both win. Expired entries
+script, so two workers racing for the last 10 GiB cannot both win; the same script
+tries a worker's candidate GPUs in order and takes the first that fits. Expired entries
 are swept by the same scripts before anything is counted, which is how a worker that
 died without releasing loses its reservations: its holder refreshes them every few
 seconds while alive, and stops when it is not.
@@ -33,22 +34,48 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-# KEYS: amounts1, expiry1, amounts2, expiry2, ...  ARGV: id, ttl, cap1, amount1, cap2, amount2, ...
-_RESERVE = _SWEEP + """
+# Take the first of several options (each a list of claims) that fits, in one round trip.
+# KEYS: amounts1, expiry1, amounts2, expiry2, ... (each pool once)
+# ARGV: id, ttl, options, then per option: claims, then per claim: pool number, capacity, amount
+# Returns {taken option or 0, then per refused option: option, claim, used}.
+_RESERVE_FIRST = _SWEEP + """
 local id, ttl = ARGV[1], tonumber(ARGV[2])
-local n = #KEYS / 2
 local used = {}
-for i = 1, n do
-  used[i] = sweep(KEYS[2*i-1], KEYS[2*i], now)
-  local cap, amount = tonumber(ARGV[1 + 2*i]), tonumber(ARGV[2 + 2*i])
-  if redis.call('HEXISTS', KEYS[2*i-1], id) == 1 then return {1, i} end
-  if used[i] + amount > cap then return {0, i, used[i]} end
+local refusals = {}
+local pos = 4
+for o = 1, tonumber(ARGV[3]) do  -- an id already held anywhere: a no-op, whatever the order
+  local claims = tonumber(ARGV[pos])
+  for c = 1, claims do
+    local k = tonumber(ARGV[pos + 3*c - 2])
+    if used[k] == nil then used[k] = sweep(KEYS[2*k-1], KEYS[2*k], now) end
+    if redis.call('HEXISTS', KEYS[2*k-1], id) == 1 then return {o} end
+  end
+  pos = pos + 1 + 3 * claims
 end
-for i = 1, n do
-  redis.call('HSET', KEYS[2*i-1], id, ARGV[2 + 2*i])
-  redis.call('ZADD', KEYS[2*i], now + ttl, id)
+pos = 4
+for o = 1, tonumber(ARGV[3]) do
+  local claims, fit = tonumber(ARGV[pos]), true
+  for c = 1, claims do
+    local k = tonumber(ARGV[pos + 3*c - 2])
+    if used[k] + tonumber(ARGV[pos + 3*c]) > tonumber(ARGV[pos + 3*c - 1]) then
+      table.insert(refusals, o); table.insert(refusals, c); table.insert(refusals, used[k])
+      fit = false
+      break
+    end
+  end
+  if fit then
+    for c = 1, claims do
+      local k = tonumber(ARGV[pos + 3*c - 2])
+      redis.call('HSET', KEYS[2*k-1], id, ARGV[pos + 3*c])
+      redis.call('ZADD', KEYS[2*k], now + ttl, id)
+    end
+    return {o}
+  end
+  pos = pos + 1 + 3 * claims
 end
-return {1, 0}
+local out = {0}
+for _, v in ipairs(refusals) do table.insert(out, v) end
+return out
 """
 
 # KEYS: amounts1, expiry1, ...  ARGV: ttl, id1, id2, ...  (refresh every listed id in every pool it is in)
@@ -108,12 +135,17 @@ class Refusal:
         return f"{self.pool}: {self.used} in use + {self.amount} asked > {self.capacity}"
 
 
+Taken = tuple[int | None, tuple[Refusal, ...]]  # the option taken (or None), and why the others were refused
+
+
 @runtime_checkable
 class LedgerLike(Protocol):
     """What the gate and the admission controller use of a ledger: ``Ledger`` in Redis, or
     ``taskmesh.bench.memory_ledger.MemoryLedger`` for the fleet simulator (same decisions)."""
 
     def reserve(self, reservation: str, claims: Sequence[Claim]) -> Refusal | None: ...
+
+    def reserve_first(self, reservation: str, options: Sequence[Sequence[Claim]]) -> Taken: ...
 
     def release(self, reservation: str, pools: Iterable[str]) -> None: ...
 
@@ -127,7 +159,7 @@ class Ledger:
         self.client = client
         self.ttl_s = ttl_s
         self.prefix = prefix
-        self._reserve = client.register_script(_RESERVE)
+        self._reserve_first = client.register_script(_RESERVE_FIRST)
         self._refresh = client.register_script(_REFRESH)
         self._used = client.register_script(_USED)
 
@@ -136,16 +168,27 @@ class Ledger:
 
     def reserve(self, reservation: str, claims: Sequence[Claim]) -> Refusal | None:
         """Take every claim or none; ``None`` on success. Reserving an id twice is a no-op."""
-        if not claims:
-            return None
-        args: list[object] = [reservation, self.ttl_s]
-        for claim in claims:
-            args += [claim.capacity, claim.amount]
-        ok, index, *used = self._reserve(keys=self._keys(c.pool for c in claims), args=args)
-        if ok:
-            return None
-        claim = claims[index - 1]
-        return Refusal(claim.pool, int(used[0]), claim.amount, claim.capacity)
+        taken, refusals = self.reserve_first(reservation, [claims])
+        return None if taken is not None else refusals[0]
+
+    def reserve_first(self, reservation: str, options: Sequence[Sequence[Claim]]) -> Taken:
+        """Take the first option whose claims all fit, all or nothing, in one round trip (a
+        worker with eight GPUs tries them in best-fit order without eight calls)."""
+        if not options or not options[0]:
+            return (0 if options else None), ()
+        pools: dict[str, int] = {}
+        args: list[object] = [reservation, self.ttl_s, len(options)]
+        for option in options:
+            args.append(len(option))
+            for claim in option:
+                args += [pools.setdefault(claim.pool, len(pools) + 1), claim.capacity, claim.amount]
+        taken, *refused = self._reserve_first(keys=self._keys(pools), args=args)
+        refusals = tuple(
+            Refusal(claim.pool, int(used), claim.amount, claim.capacity)
+            for option, index, used in zip(refused[::3], refused[1::3], refused[2::3], strict=True)
+            for claim in [options[option - 1][index - 1]]
+        )
+        return (taken - 1 if taken else None), refusals
 
     def release(self, reservation: str, pools: Iterable[str]) -> None:
         pipe = self.client.pipeline(transaction=True)

@@ -9,8 +9,11 @@ import socket
 import threading
 import time
 
+from taskmesh.config import AdmissionConfig
+from taskmesh.gate import Admitted, Gate, Wait
 from taskmesh.gpu import SimulatedProvider, SimulationControl
 from taskmesh.ledger import Ledger, gpu_pool
+from taskmesh.requirements import Requirement
 
 from .conftest import wait_for_workers
 
@@ -204,3 +207,21 @@ def test_a_message_held_for_half_the_visibility_timeout_is_handed_back_not_run_t
     assert result.get(timeout=60)["label"] == "patient"
     time.sleep(7)  # past the visibility timeout: a second delivery would run it again
     assert [r.decode() for r in broker.lrange("test:runs", 0, -1)] == [result.id]
+
+
+def test_a_whole_gpu_task_runs_where_the_driver_shows_a_few_hundred_mib_and_waits_where_a_process_has_more(broker):
+    """A task with no ``vram`` (or ``exclusive=True``) claims the whole GPU; a real idle GPU
+    always shows the driver's and a CUDA context's few hundred MiB in use."""
+    control = SimulationControl(broker, host="whole-gpu-host")
+    provider = SimulatedProvider("2x24GiB", host="whole-gpu-host", control=broker)
+    gate = Gate(host="whole-gpu-host", provider=provider, ledger=Ledger(broker), config=AdmissionConfig(),
+                gpu_uuids=None, cpu_threads=8, memory_total_mib=64 * GIB)
+    whole = Requirement.from_options("whole_gpu", {"profile": "gpu"})
+    control.use(0, 2 * GIB)
+    control.use(1, 300)
+    decision = gate.decide(whole, "whole-1")
+    assert isinstance(decision, Admitted) and decision.gpus == (provider.snapshot()[1].uuid,)
+    assert isinstance(gate.decide(whole, "whole-2"), Wait)  # GPU 1 is claimed, GPU 0 has a process on it
+    control.use(0, 300)
+    second = gate.decide(whole, "whole-2")
+    assert isinstance(second, Admitted) and second.gpus == (provider.snapshot()[0].uuid,)

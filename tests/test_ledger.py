@@ -58,3 +58,19 @@ def test_unrefreshed_reservations_expire_and_refreshed_ones_stay(broker):
         time.sleep(0.3)
     assert ledger.used([pool]) == {pool: 1000}
     assert set(ledger.holders(pool)) == {"kept"}
+
+
+def test_reserve_first_takes_the_first_option_that_fits_whole_and_names_every_refusal(broker):
+    ledger = Ledger(broker)
+    full, roomy, threads = gpu_pool("GPU-e"), gpu_pool("GPU-f"), host_threads_pool("h2")
+    assert ledger.reserve("resident", [Claim(full, 7000, 8000)]) is None
+    assert ledger.reserve("busy", [Claim(threads, 3, 4)]) is None
+    options = [[Claim(full, 2000, 8000)], [Claim(roomy, 2000, 8000), Claim(threads, 2, 4)], [Claim(roomy, 2000, 8000)]]
+    taken, refusals = ledger.reserve_first("task", options)
+    assert taken == 2 and not refusals
+    assert ledger.used([full, roomy, threads]) == {full: 7000, roomy: 2000, threads: 3}  # option 2 took nothing
+    again = [[Claim(threads, 1, 4)], [Claim(roomy, 2000, 8000)]]  # the first would fit, but "task" holds the second
+    assert ledger.reserve_first("task", again) == (1, ())
+    assert ledger.used([full, roomy, threads]) == {full: 7000, roomy: 2000, threads: 3}
+    taken, refusals = ledger.reserve_first("other", options[:2])
+    assert taken is None and [(r.pool, r.used) for r in refusals] == [(full, 7000), (threads, 3)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from ..ledger import Claim, Refusal
+from ..ledger import Claim, Refusal, Taken
 
 
 class MemoryLedger:
@@ -32,16 +32,26 @@ class MemoryLedger:
 
     def reserve(self, reservation: str, claims: Sequence[Claim]) -> Refusal | None:
         """Take every claim or none; ``None`` on success. Reserving an id twice is a no-op."""
+        taken, refusals = self.reserve_first(reservation, [claims])
+        return None if taken is not None else refusals[0]
+
+    def reserve_first(self, reservation: str, options: Sequence[Sequence[Claim]]) -> Taken:
         now = self.clock()
-        for claim in claims:
-            used = self._sweep(claim.pool, now)
-            if reservation in self.pools.get(claim.pool, ()):
-                return None
-            if used + claim.amount > claim.capacity:
-                return Refusal(claim.pool, used, claim.amount, claim.capacity)
-        for claim in claims:
-            self.pools.setdefault(claim.pool, {})[reservation] = (claim.amount, now + self.ttl_s)
-        return None
+        used = {claim.pool: self._sweep(claim.pool, now) for option in options for claim in option}
+        for index, option in enumerate(options):  # an id already held anywhere: a no-op, whatever the order
+            if any(reservation in self.pools.get(claim.pool, ()) for claim in option):
+                return index, ()
+        refusals = []
+        for index, option in enumerate(options):
+            for claim in option:
+                if used[claim.pool] + claim.amount > claim.capacity:
+                    refusals.append(Refusal(claim.pool, used[claim.pool], claim.amount, claim.capacity))
+                    break
+            else:
+                for claim in option:
+                    self.pools.setdefault(claim.pool, {})[reservation] = (claim.amount, now + self.ttl_s)
+                return index, ()
+        return None, tuple(refusals)
 
     def release(self, reservation: str, pools: Iterable[str]) -> None:
         for pool in pools:
