@@ -27,7 +27,17 @@ from taskmesh.stack import free_port, port_in_use
 
 from .conftest import marked, wait_for_workers
 
-CHROMIUM = "/usr/bin/chromium"
+
+def find_chromium() -> str | None:
+    """Debian's chromium, else the build ``playwright install chromium`` left in its cache (Ubuntu)."""
+    if os.path.exists("/usr/bin/chromium"):
+        return "/usr/bin/chromium"
+    cache = Path(os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or Path.home() / ".cache" / "ms-playwright")
+    builds = sorted(cache.glob("chromium-*/chrome-linux*/chrome"))
+    return str(builds[-1]) if builds else None
+
+
+CHROMIUM = find_chromium()
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -37,14 +47,14 @@ NODE = f"gpu0@{socket.gethostname()}"
 LOGIN = ("ops", "s3cret")
 
 needs_chromium = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM),
-    reason=f"{CHROMIUM} is missing; scripts/setup test installs it (apt-get install chromium)",
+    CHROMIUM is None,
+    reason="no Chromium: scripts/setup test installs Debian's chromium, or Playwright's where there is none",
 )
 
 
 @pytest.fixture
 def chromium(tmp_path: Path) -> Iterator[Callable[..., BrowserContext]]:
-    """Opens Debian's Chromium, each time with a fresh profile so no earlier cookie or login counts."""
+    """Opens Chromium, each time with a fresh profile so no earlier cookie or login counts."""
     with sync_playwright() as playwright:
         opened: list[BrowserContext] = []
 
