@@ -252,6 +252,12 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _positive_number),
     "TASKMESH_VISIBILITY_TIMEOUT_S": ("admission.visibility_timeout_s", _positive_number),
 }
+#: every queue threshold too: TASKMESH_QUEUE_<QUEUE>_<KEY>, e.g. TASKMESH_QUEUE_GPU_MAX_DEPTH=500
+QUEUE_ENV_PREFIX = "TASKMESH_QUEUE_"
+ENV_OVERRIDES.update({
+    f"{QUEUE_ENV_PREFIX}{queue.upper()}_{key.upper()}": (f"queues.{queue}.{key}", convert)
+    for queue in QUEUES for key, convert in _QUEUE_SCHEMA.items()
+})
 
 
 def _check(source: str, data: Any, schema: _Schema, path: str) -> dict[str, Any]:
@@ -320,6 +326,11 @@ def load_config(selection: str | os.PathLike[str] | None = None) -> Config:
                 source, None, f"malformed YAML at {line}: {exc.problem}", "fix the YAML syntax there"
             ) from None
     data = _check(source, raw, SCHEMA, "")
+    for env in os.environ:
+        if env.startswith(QUEUE_ENV_PREFIX) and env not in ENV_OVERRIDES:  # a typo would be ignored silently
+            close = difflib.get_close_matches(env, [e for e in ENV_OVERRIDES if e.startswith(QUEUE_ENV_PREFIX)], n=1)
+            fix = f"did you mean {close[0]}?" if close else f"use {QUEUE_ENV_PREFIX}<QUEUE>_<KEY> with a key of queues"
+            raise ConfigError(env, None, "unknown queue setting", fix)
     for env, (dotted, convert) in ENV_OVERRIDES.items():
         if os.environ.get(env) is None:
             continue

@@ -61,6 +61,24 @@ def test_environment_overrides_win_over_the_file(tmp_path, monkeypatch):
         load_config(path)
 
 
+def test_every_queue_threshold_has_an_environment_override_checked_like_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, "queues: {gpu: {max_depth: 10, alert_age_s: 60}}\n")
+    monkeypatch.setenv("TASKMESH_QUEUE_GPU_MAX_DEPTH", "500")
+    monkeypatch.setenv("TASKMESH_QUEUE_CPU_INTENSIVE_FALLBACK_DEPTH", "20")
+    monkeypatch.setenv("TASKMESH_QUEUE_MIXED_ALERT_AGE_S", "90")
+    config = load_config(path)
+    assert (config.queue("gpu").max_depth, config.queue("gpu").alert_age_s) == (500, 60)
+    assert config.queue("cpu_intensive").fallback_depth == 20 and config.queue("mixed").alert_age_s == 90
+    monkeypatch.setenv("TASKMESH_QUEUE_GPU_MAX_DEPTH", "-3")
+    with pytest.raises(ConfigError, match="TASKMESH_QUEUE_GPU_MAX_DEPTH: -3 is not a whole number"):
+        load_config(path)
+    monkeypatch.setenv("TASKMESH_QUEUE_GPU_MAX_DEPTH", "500")
+    monkeypatch.setenv("TASKMESH_QUEUE_GPU_MAX_DEPHT", "500")
+    with pytest.raises(ConfigError, match="TASKMESH_QUEUE_GPU_MAX_DEPHT: unknown queue setting; did you mean "
+                                          "TASKMESH_QUEUE_GPU_MAX_DEPTH"):
+        load_config(path)
+
+
 def test_malformed_yaml_names_the_file_and_line(tmp_path):
     path = write(tmp_path, "hardware:\n  cpu:\n    cores: [4\n  gpu: {}\n")
     with pytest.raises(ConfigError) as err:
