@@ -48,6 +48,13 @@ def test_mixed_workers_move_to_a_cpu_burst_and_go_back(gpu_app, broker, processe
     moved_after = wait_until(lambda: "cpu_intensive" in active_queues(gpu_app.app, mixed), 2 * INTERVAL + 3,
                              "mixed workers did not move to the CPU burst within two intervals")
     assert "gpu" not in active_queues(gpu_app.app, mixed)
+    # counted in rebalance runs, not seconds (a loaded machine stretches both): the move is
+    # decided by the first or second run that saw the burst
+    runs = [json.loads(r) for r in reversed(broker.lrange(RUNS, 0, -1))]
+    saw_burst = [r for r in runs if r.get("depths", {}).get("cpu_intensive", {}).get("waiting")]
+    moves = [i for i, r in enumerate(saw_burst) for d in r["decisions"]
+             if d["action"] == "move_consumer" and d["target"] == mixed and d.get("queue") == "cpu_intensive"]
+    assert moves and moves[0] < 2, f"moved on run {moves[:1]} of those that saw the burst"
     ran = [r.get(timeout=120) for r in burst]
     assert any(r["node"] == mixed for r in ran)  # the mixed worker really did CPU work
     wait_until(lambda: active_queues(gpu_app.app, mixed) == {"mixed", "gpu"}, 5 * INTERVAL + 5,
