@@ -17,6 +17,7 @@ message delivered in between can be counted twice for that instant.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .app import ENQUEUED_AT
 
-__all__ = ["QueueDepth", "app_queue_depths", "layout", "priority_key", "queue_depths"]
+__all__ = ["QueueDepth", "app_queue_depths", "layout", "next_tasks", "priority_key", "queue_depths"]
 
 PRIORITY_STEPS = (0, 3, 6, 9)  # kombu.transport.redis.PRIORITY_STEPS
 SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
@@ -130,6 +131,35 @@ def queue_depths(
         )
         for queue in names
     }
+
+
+def next_tasks(
+    client: redis.Redis,
+    queue: str,
+    limit: int,
+    *,
+    priority_steps: Iterable[int] = PRIORITY_STEPS,
+    sep: str = SEP,
+    keyprefix: str = "",
+    **_: Any,  # the rest of ``layout(app)``
+) -> collections.Counter[str]:
+    """Task names of up to *limit* messages next out of *queue* (priority 0 first, as
+    consumers take them): what the work waiting there is made of, by a bounded sample."""
+    with client.pipeline(transaction=False) as pipe:
+        for step in dict.fromkeys(int(step) for step in priority_steps):
+            pipe.lrange(priority_key(queue, step, sep, keyprefix), -limit, -1)
+        lists = pipe.execute()
+    names: collections.Counter[str] = collections.Counter()
+    for raw in (m for messages in lists for m in reversed(messages)):
+        if sum(names.values()) >= limit:
+            break
+        try:
+            name = json.loads(raw)["headers"]["task"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(name, str):
+            names[name] += 1
+    return names
 
 
 def layout(app: Celery) -> dict[str, Any]:

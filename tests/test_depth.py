@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 from taskmesh import Priority, create_app
-from taskmesh.depth import QueueDepth, app_queue_depths, queue_depths
+from taskmesh.depth import QueueDepth, app_queue_depths, next_tasks, queue_depths
 
 QUEUES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 
@@ -149,3 +149,13 @@ def test_app_queue_depths_refuses_a_broker_that_is_not_redis():
     with pytest.raises(ValueError, match="needs a Redis broker") as info:
         app_queue_depths(app)
     assert "secret" not in str(info.value)
+
+
+def test_next_tasks_samples_what_waits_in_the_order_consumers_take_it(e2e, broker):
+    e2e.on_gpu.apply_async(priority=Priority.LOW)
+    e2e.on_io.apply_async(queue="gpu", priority=Priority.NORMAL)
+    e2e.on_cpu.apply_async(queue="gpu", priority=Priority.NORMAL)
+    e2e.on_cpu.apply_async(queue="gpu", priority=Priority.CRITICAL)
+    assert next_tasks(broker, "gpu", 10) == {e2e.on_cpu.name: 2, e2e.on_io.name: 1, e2e.on_gpu.name: 1}
+    assert next_tasks(broker, "gpu", 2) == {e2e.on_cpu.name: 1, e2e.on_io.name: 1}  # CRITICAL, then the older NORMAL
+    assert next_tasks(broker, "cpu_light", 10) == {}
