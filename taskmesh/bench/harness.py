@@ -51,7 +51,6 @@ class LocalRedis:
         return redis.Redis.from_url(self.url)
 
 
-
 class Processes:
     """Worker processes of one run, each logging to a file, all stopped by pid on exit."""
 
@@ -139,6 +138,36 @@ class CpuSampler:
         """Mean percent over the sampling periods that lie wholly between *start* and *end*."""
         inside = [p for t, p in self.samples if start + self.period_s <= t <= end]
         return round(sum(inside) / len(inside), 1) if inside else None
+
+
+class GpuSampler:
+    """Every GPU's NVML utilisation and memory used, sampled on a thread, as (unix time,
+    mean utilisation percent over the GPUs or ``None``, MiB used on all GPUs together)."""
+
+    def __init__(self, provider: Any, period_s: float = 0.25) -> None:
+        self.provider = provider
+        self.period_s = period_s
+        self.samples: list[tuple[float, float | None, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            gpus = self.provider.snapshot()
+            busy = [g.utilization_percent for g in gpus if g.utilization_percent is not None]
+            self.samples.append((time.time(), sum(busy) / len(busy) if busy else None,
+                                 sum(g.memory_used_mib for g in gpus)))
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, start: float, end: float) -> list[tuple[float, float | None, int]]:
+        return [sample for sample in self.samples if start <= sample[0] <= end]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -55,12 +55,12 @@ def plan(app: Any, groups: Sequence[str]) -> list[WorkerSpec]:
 
 
 def start_taskmesh(procs: Processes, app: Any, groups: Sequence[str], env: dict[str, str],
-                   logdir: Path) -> list[WorkerSpec]:
+                   logdir: Path, app_path: str = TASKMESH_APP) -> list[WorkerSpec]:
     """One ``taskmesh worker`` supervisor per group; returns the workers they start."""
     with environ(env):
         specs = plan(app, groups)
     for group in groups:
-        argv = python_argv("taskmesh", "-A", TASKMESH_APP, "worker", "--profile", group, "--loglevel", "WARNING",
+        argv = python_argv("taskmesh", "-A", app_path, "worker", "--profile", group, "--loglevel", "WARNING",
                            "--logdir", str(logdir / f"taskmesh-{group}"))
         procs.start(f"taskmesh-{group}", argv, env)
     return specs

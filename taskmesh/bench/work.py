@@ -40,9 +40,9 @@ def client(broker_url: str) -> redis.Redis:
 
 
 def record(broker_url: str, kind: str, label: Any, started: float, cpu_s: float, gpus: list[str],
-           node: str | None, queue: str | None) -> None:
-    """Push what ran where and when to the list the benchmark waits on."""
+           node: str | None, queue: str | None, **extra: Any) -> None:
+    """Push what ran where and when (and any *extra* fields) to the list the benchmark waits on."""
     client(broker_url).rpush(DONE_KEY, json.dumps({
         "kind": kind, "label": label, "started": started, "ended": time.time(), "cpu_s": cpu_s,
-        "gpus": gpus, "node": node, "queue": queue, "pid": os.getpid(),
+        "gpus": gpus, "node": node, "queue": queue, "pid": os.getpid(), **extra,
     }))
