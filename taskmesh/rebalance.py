@@ -21,10 +21,11 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .backpressure import family
-from .depth import app_queue_depths, layout, priority_key
+from .depth import QueueDepth, app_queue_depths, layout, priority_key
 from .profiles import QUEUES, Profile
 from .rebalance_policy import (
     Decision,
@@ -36,7 +37,7 @@ from .rebalance_policy import (
     saturated,
     scaling_hints,
 )
-from .registry import Registry
+from .registry import Registry, WorkerRecord
 
 log = logging.getLogger(__name__)
 LOCK = "taskmesh:rebalance:lock"
@@ -80,8 +81,9 @@ def _run(app: Any, client: Any, config: Any) -> dict[str, Any]:
     records = registry.workers()
     alive = [r for r in records if registry.is_alive(r)]
     states = registry.states()
-    workers = [_worker_view(r, states.get(r.node, {})) for r in alive]
-    queues = _queue_views(app, client, registry, workers)
+    workers = [worker_view(r, states.get(r.node, {})) for r in alive]
+    names = list(QUEUES) + sorted(registry.need_queues())
+    queues = queue_views(app_queue_depths(app, names, client=client), registry.mean_runtimes("q:"), workers)
     resized = {k.decode(): float(v) for k, v in client.hgetall(RESIZED).items()}
     # A pool resized since its worker last announced is not known yet: leave its whole host alone
     # this run, since the thread budget is shared by every pool on the host.
@@ -89,8 +91,7 @@ def _run(app: Any, client: Any, config: Any) -> dict[str, Any]:
     settled = [w for w in workers if w.host not in unsettled]
     decisions = assist_moves(queues, workers, config) + pool_sizes(queues, settled, config)
     decisions += _reroutes(app, client, queues, workers, config)
-    groups_seen = sorted({r.node.split("@", 1)[0] for r in records if not r.stopped})
-    found = alerts(queues, workers, config, groups_seen)
+    found = alerts(queues, workers, config, groups_seen(records))
     _act(app, client, decisions)
     raised = _update_alerts(app, client, found)
     if decisions:
@@ -111,7 +112,11 @@ def _run(app: Any, client: Any, config: Any) -> dict[str, Any]:
     return run
 
 
-def _worker_view(record: Any, state: dict[str, Any]) -> WorkerView:
+# --- what the policy sees: pure, so the fleet simulator builds the same views from its own state ---
+
+
+def worker_view(record: WorkerRecord, state: Mapping[str, Any]) -> WorkerView:
+    """A worker as the policy sees it: its registry record and the state its controller announced."""
     pool = state.get("pool", {})
     return WorkerView(
         node=record.node,
@@ -131,10 +136,9 @@ def _worker_view(record: Any, state: dict[str, Any]) -> WorkerView:
     )
 
 
-def _queue_views(app: Any, client: Any, registry: Registry, workers: list[WorkerView]) -> dict[str, QueueView]:
-    names = list(QUEUES) + sorted(registry.need_queues())
-    depths = app_queue_depths(app, names, client=client)
-    runtimes = registry.mean_runtimes("q:")
+def queue_views(depths: Mapping[str, QueueDepth], runtimes: Mapping[str, float],
+                workers: Sequence[WorkerView]) -> dict[str, QueueView]:
+    """Each queue's depth, learned mean run time and the workers serving it."""
     views = {}
     for name, depth in depths.items():
         serving = [w for w in workers if name in w.queues or w.assist == name]
@@ -148,6 +152,12 @@ def _queue_views(app: Any, client: Any, registry: Registry, workers: list[Worker
             capacity=sum(w.pool_size for w in serving),
         )
     return views
+
+
+def groups_seen(records: Iterable[WorkerRecord]) -> list[str]:
+    """Worker groups (``gpu0``, ``cpu``, ...) of workers not stopped cleanly: one missing from the
+    live ones is down."""
+    return sorted({r.node.split("@", 1)[0] for r in records if not r.stopped})
 
 
 def _reroutes(app: Any, client: Any, queues: dict[str, QueueView], workers: list[WorkerView],

@@ -1,19 +1,25 @@
 """The fleet simulator's seams: the in-memory ledger answers exactly as the Redis one,
 and a simulated fleet — driven by the real gate, ledger and producer checks — gives
 the same schedule with either ledger, never oversubscribes a GPU, and refuses work no
-GPU can run."""
+GPU can run; the real rebalance policy watches it every interval without changing
+what it does, and sees every task in exactly one place."""
 
 from __future__ import annotations
 
 import collections
+import math
 import random
 import time
 
+import pytest
 import redis
 
-from taskmesh.bench.fleet import FULL, simulate
+from taskmesh.bench.fleet import FULL, SIM_TTL_S, simulate, with_gpu_alerts
 from taskmesh.bench.memory_ledger import MemoryLedger
-from taskmesh.bench.synthetic import GPU_KINDS, TASK_CLASSES, kind_gpu, lower_bound, make_fleet
+from taskmesh.bench.rebalance_probe import RebalanceProbe
+from taskmesh.bench.simulate import Simulation
+from taskmesh.bench.synthetic import GPU_KINDS, TASK_CLASSES, kind_gpu, lower_bound, make_fleet, make_jobs, requirements
+from taskmesh.config import Config
 from taskmesh.gate import fits
 from taskmesh.ledger import Claim, Ledger, LedgerLike
 
@@ -122,3 +128,53 @@ def test_the_producer_refuses_what_no_gpu_can_run_and_counts_it_in_redis(redis_s
     _, sim = simulate(8, 2000, "memory", params, f"{redis_server}/0")
     client = redis.Redis.from_url(f"{redis_server}/0")
     assert int(client.hget("taskmesh:counters", "infeasible")) == sim.out.rejected > 0
+
+
+class CountingProbe(RebalanceProbe):
+    """The real probe, checking at each run that every task is waiting, in flight, done or refused, and
+    that what the queues say is in flight is what the workers' announced states say they run or hold."""
+
+    def __init__(self, sim: Simulation, *args) -> None:
+        super().__init__(*args)
+        self.sim = sim
+        self.peak_in_flight = 0
+
+    def observe(self, records, states, depths, runtimes) -> None:
+        waiting = sum(d.waiting for d in depths.values())
+        in_flight = sum(d.in_flight for d in depths.values())
+        done = len(self.sim.out.release_us)
+        assert waiting + in_flight + done + self.sim.out.rejected == len(self.sim.jobs), self.sim.now
+        assert in_flight == sum(s["running"] + s["held"] for s in states.values()), self.sim.now
+        self.peak_in_flight = max(self.peak_in_flight, in_flight)
+        super().observe(records, states, depths, runtimes)
+
+
+def run_fleet(broker: str, watched: bool) -> Simulation:
+    redis.Redis.from_url(broker).flushall()
+    ledger = MemoryLedger(ttl_s=SIM_TTL_S)
+    sim = Simulation(make_fleet(16), requirements(), make_jobs(400, seed=11), ledger, broker, record=True)
+    ledger.clock = lambda: sim.now
+    if watched:
+        config = with_gpu_alerts(sim.app.taskmesh_config, {"gpu_alert_depth": None, "gpu_alert_age_s": 600})
+        sim.probe = CountingProbe(sim, config)
+    sim.run()
+    return sim
+
+
+def test_the_real_rebalance_policy_watches_every_interval_without_changing_the_schedule(redis_server):
+    bare = run_fleet(f"{redis_server}/0", watched=False)
+    watched = run_fleet(f"{redis_server}/0", watched=True)
+    assert watched.out.schedule == bare.out.schedule and watched.out.waits == bare.out.waits
+    probe = watched.probe
+    assert probe.interval_s == watched.app.taskmesh_config.rebalance.interval_s
+    assert probe.log.runs == math.ceil(watched.out.makespan_s / probe.interval_s) - 1 == len(probe.log.run_us)
+    assert 16 < probe.peak_in_flight <= 16 * 4  # GPUs share, and never beyond the fleet's pool slots
+    log = probe.log
+    assert log.raised["age"] >= 1 and log.raised["depth"] == 0  # tasks waited past 600 s; no depth threshold
+    assert log.peak_hints["gpu"] > 16 and log.peak_hints["cpu"] == 0  # backlog wants more GPU replicas
+    assert 0 < log.saturated_runs["gpu"] < log.runs  # saturated while a backlog waits, not once it drained
+
+
+def test_a_bad_rebalance_interval_is_refused_naming_the_fix():
+    with pytest.raises(ValueError, match="give a number of seconds > 0, or null"):
+        RebalanceProbe(Config(), -5)

@@ -47,6 +47,7 @@ def test_smoke_runs_every_scenario_writes_json_and_leaves_no_process(tmp_path):
         assert {t["metric"] for t in scenarios["mixed"]["targets"]} == {"baseline_over_taskmesh",
                                                                         "taskmesh_over_bound"}
         assert scenarios["fleet"]["metrics"]["ledgers_agree"] is True
+        assert all(row["rebalance_runs"] > 0 for row in scenarios["fleet"]["rows"])  # the real policy ran
         assert "[mixed]" in done.stdout and "makespan_s" in done.stdout
         assert marked(marker) == []
     finally:

@@ -1,16 +1,32 @@
-"""Discrete-event simulation of a GPU fleet that drives taskmesh's real policy code.
+"""Discrete-event simulation of a GPU fleet, around taskmesh's real decision code.
 
-Real: the producer's ``SubmitPolicy.prepare`` (``infeasible``, ``fits``, ``need_queue``)
-against a real worker registry in Redis; ``Requirement.from_header`` on every delivery;
-one ``Gate`` per GPU worker, as ``taskmesh worker`` runs one worker per GPU, each with
-the ``SimulatedProvider`` of its host; the ledger (Redis ``Ledger``, or ``MemoryLedger``
-with the same semantics). Simulated: time, and what Celery and Redis do between those
-calls — FIFO lists; BRPOP serving the worker blocked longest; a worker taking one
-message per free pool slot (prefetch multiplier 1, late ack) from its queues in round
-robin; the admission controller holding a message that must wait and pausing intake
-until one of its own tasks ends. Durations are fixed: tasks sharing a GPU do not slow
-each other (memory is modelled, compute contention is not). Decisions take no
-simulated time; their real cost is measured on the wall clock.
+Real — the code a deployment runs, called as it calls it:
+
+- the producer's ``SubmitPolicy.prepare`` (``infeasible``, ``fits``, ``need_queue``)
+  against a real worker registry in Redis (every simulated worker announces itself);
+- ``Requirement.from_header`` on every delivery, and ``Gate.decide`` on it: one gate
+  per GPU worker (``taskmesh worker`` runs one worker per GPU), each reading its host's
+  ``SimulatedProvider``, whose used memory follows the tasks running there;
+- the Redis ``Ledger``; or ``MemoryLedger``, which is *not* the real ledger but its
+  rules re-implemented in memory and checked answer for answer against it;
+- the rebalance policy, when ``probe`` is set (``rebalance_probe.py``): every
+  rebalance interval of simulated time, the rebalancer's own view builders and its
+  ``alerts``, ``scaling_hints`` and ``saturated`` run on a snapshot of the fleet. It
+  only observes: nothing it says is carried out, so the schedule does not change.
+
+Re-modelled here — simulation code standing in for the real thing:
+
+- the admission controller (``controller.py`` is not run): a message the gate answers
+  ``Wait`` is held and the worker's intake pauses until one of its own tasks ends, when
+  the held message is retried first; a ``Reroute`` republishes the message to its need
+  queue (registered in the real registry) and every worker whose GPU ``fits`` it
+  subscribes. Reservation refresh, health checks and periodic announces are left out;
+- Celery and Redis: FIFO lists (one priority), BRPOP serving the worker blocked
+  longest, one message per free pool slot (prefetch multiplier 1, late ack), round
+  robin over a worker's queues;
+- time. Durations are fixed: tasks sharing a GPU do not slow each other (memory is
+  modelled, compute contention is not). Decisions take no simulated time; their real
+  cost is measured on the wall clock.
 """
 
 from __future__ import annotations
@@ -24,13 +40,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..app import create_app
+from ..depth import QueueDepth
 from ..errors import InfeasibleRequirement
 from ..gate import Admitted, Gate, Reroute, fits
 from ..gpu import SimulatedProvider
 from ..ledger import LedgerLike
-from ..profiles import Profile
+from ..profiles import QUEUES, Profile
 from ..registry import GpuRecord, Registry, WorkerRecord
 from ..requirements import Requirement
+from .rebalance_probe import RebalanceProbe
 from .synthetic import Host
 
 HOST_MEMORY_MIB = 1024 * 1024  # simulated hosts' RAM: GPU tasks here declare none, so it never binds
@@ -50,11 +68,12 @@ class HostMemory:
 class Worker:
     """One simulated ``celery worker`` for one GPU: its gate, pool slots, queues and held message."""
 
-    __slots__ = ("node", "gate", "gpu", "memory", "slots", "queues", "running", "held", "held_since", "token",
-                 "blocked")
+    __slots__ = ("node", "record", "gate", "gpu", "memory", "slots", "queues", "running", "held", "held_since",
+                 "token", "blocked")
 
-    def __init__(self, node: str, gate: Gate, gpu: Any, memory: HostMemory, slots: int) -> None:
-        self.node, self.gate, self.gpu, self.memory, self.slots = node, gate, gpu, memory, slots
+    def __init__(self, record: WorkerRecord, gate: Gate, gpu: Any, memory: HostMemory, slots: int) -> None:
+        self.node, self.record, self.gate, self.gpu, self.memory, self.slots = (record.node, record, gate, gpu,
+                                                                                memory, slots)
         self.queues: list[str] = ["gpu"]
         self.running = 0
         self.held: int | None = None
@@ -94,6 +113,11 @@ class Simulation:
         self.events: list[tuple[float, int, Worker, int, Admitted, int]] = []
         self.queues: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
         self.waiters: dict[str, collections.deque[tuple[int, Worker]]] = collections.defaultdict(collections.deque)
+        self.delivered: dict[int, str] = {}  # job → the queue it was taken from, while unacknowledged
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self.runtime_sum: collections.Counter[str] = collections.Counter()  # by queue, as workers report them
+        self.runtime_count: collections.Counter[str] = collections.Counter()
+        self.probe: RebalanceProbe | None = None  # set one to run the real rebalance policy as time passes
         self.out = Outcome()
         self.workers = self._start_workers(fleet, ledger, slots)
 
@@ -105,12 +129,12 @@ class Simulation:
             for gpu in provider.snapshot():
                 gate = Gate(host=host.name, provider=provider, ledger=ledger, config=self.config,
                             gpu_uuids=(gpu.uuid,), cpu_threads=64, memory_total_mib=HOST_MEMORY_MIB)
-                node = f"gpu{gpu.index}@{host.name}"
-                workers.append(Worker(node, gate, gpu, memory, slots))
-                registry.announce(WorkerRecord(
-                    node=node, incarnation="sim", host=host.name, queues=("gpu",), cpu_threads=64,
-                    memory_total_mib=HOST_MEMORY_MIB,
-                    gpus=(GpuRecord(gpu.uuid, gpu.index, gpu.name, gpu.memory_total_mib, gpu.compute_capability),)))
+                record = WorkerRecord(
+                    node=f"gpu{gpu.index}@{host.name}", incarnation="sim", host=host.name, queues=("gpu",),
+                    cpu_threads=64, memory_total_mib=HOST_MEMORY_MIB,
+                    gpus=(GpuRecord(gpu.uuid, gpu.index, gpu.name, gpu.memory_total_mib, gpu.compute_capability),))
+                workers.append(Worker(record, gate, gpu, memory, slots))
+                registry.announce(record)
         return workers
 
     def run(self) -> Outcome:
@@ -119,6 +143,9 @@ class Simulation:
         for worker in self.workers:
             self._pull(worker)
         while self.events:
+            if self.probe is not None and self.probe.next_at < self.events[0][0]:
+                self.probe.observe(*self.snapshot(self.probe.next_at))
+                continue
             self.now, _, worker, job, admitted, amount = heapq.heappop(self.events)
             self._finish(worker, job, admitted, amount)
         self.out.makespan_s = self.now
@@ -160,8 +187,26 @@ class Simulation:
             for worker in self.workers:
                 if name not in worker.queues and fits(worker.gpu, need, margin):
                     worker.queues.append(name)
+                    worker.record = dataclasses.replace(worker.record, queues=tuple(sorted(worker.queues)))
                     if worker.blocked:
                         self.waiters[name].append((worker.token, worker))
+
+    def snapshot(self, now: float) -> tuple[list[WorkerRecord], dict[str, dict[str, Any]], dict[str, QueueDepth],
+                                            dict[str, float]]:
+        """What the live rebalancer would read from Redis at *now*: worker records, the states
+        their controllers announce (a held message pauses intake), queue depths over the
+        profile queues and need queues, and mean run times by queue."""
+        records = [w.record for w in self.workers]
+        states = {w.node: {"pool": {"implementation": "prefork", "size": w.slots}, "running": w.running,
+                           "held": int(w.held is not None), "paused": w.held is not None} for w in self.workers}
+        names = list(QUEUES) + sorted(q for q in self.queues if q not in QUEUES)
+        depths = {}
+        for name in names:
+            waiting = len(self.queues.get(name, ()))
+            # Every task is sent at time 0 and a rerouted one keeps its enqueue stamp: the oldest waited `now`.
+            depths[name] = QueueDepth(name, waiting, self.in_flight[name], now if waiting else None, {0: waiting})
+        runtimes = {q: total / self.runtime_count[q] for q, total in self.runtime_sum.items()}
+        return records, states, depths, runtimes
 
     # --- what Redis and Celery's consumer do ---------------------------------------
 
@@ -171,7 +216,7 @@ class Simulation:
             token, worker = waiting.popleft()
             if worker.blocked and worker.token == token:
                 worker.blocked = False
-                self._offer(worker, job)
+                self._offer(worker, job, queue)
                 self._pull(worker)
                 return
         self.queues[queue].append(job)
@@ -182,7 +227,7 @@ class Simulation:
             for position, queue in enumerate(worker.queues):
                 if self.queues[queue]:
                     worker.queues.append(worker.queues.pop(position))  # kombu's round robin
-                    self._offer(worker, self.queues[queue].popleft())
+                    self._offer(worker, self.queues[queue].popleft(), queue)
                     break
             else:
                 worker.blocked, worker.token = True, worker.token + 1
@@ -192,7 +237,11 @@ class Simulation:
 
     # --- what the admission controller does -----------------------------------------
 
-    def _offer(self, worker: Worker, job: int) -> None:
+    def _offer(self, worker: Worker, job: int, queue: str | None = None) -> None:
+        """Deliver *job* (from *queue*; None: the held one again) to the worker's controller."""
+        if queue is not None:
+            self.delivered[job] = queue
+            self.in_flight[queue] += 1
         start = time.perf_counter_ns()
         requirement = Requirement.from_header(self.headers[self.jobs[job][0]])
         decision = worker.gate.decide(requirement, f"{worker.node}/{job}")
@@ -201,6 +250,7 @@ class Simulation:
             self._start(worker, job, requirement, decision)
         elif isinstance(decision, Reroute):
             self.out.reroutes += 1
+            self.in_flight[self.delivered.pop(job)] -= 1  # the controller acks it once republished
             if decision.queue not in self.queues:
                 Registry(self.app.redis()).register_need_queue(
                     decision.queue, requirement.vram_mib, requirement.min_compute_capability)
@@ -230,6 +280,10 @@ class Simulation:
         start = time.perf_counter_ns()
         worker.gate.ledger.release(admitted.reservation, admitted.pools)
         self.out.release_us.append((time.perf_counter_ns() - start) / 1000)
+        queue = self.delivered.pop(job)
+        self.in_flight[queue] -= 1
+        self.runtime_sum[queue] += self.jobs[job][1]
+        self.runtime_count[queue] += 1
         worker.running -= 1
         worker.memory.used[worker.gpu.index] -= amount
         if worker.held is not None:  # the controller retries the head of its line on every release
