@@ -1,7 +1,9 @@
 """``taskmesh.rebalance``: the beat task that looks at the whole system and moves capacity.
 
 Each run reads queue depths (every priority sub-list, in flight, oldest age), the
-worker registry and learned run times; asks ``rebalance_policy`` what to do; does
+worker registry and learned run times (per task, over a sample of what waits next in
+each queue, so a queue whose backlog is one slow kind is not judged by its fast ones);
+asks ``rebalance_policy`` what to do; does
 it with Celery's remote control (``taskmesh_resize``, which does what ``pool_grow``/
 ``pool_shrink`` do and timestamps the change, and ``taskmesh_assist`` for mixed
 workers' consumers); moves waiting tasks that declare
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .backpressure import family
-from .depth import QueueDepth, app_queue_depths, layout, priority_key
+from .depth import QueueDepth, app_queue_depths, layout, next_tasks, priority_key
 from .profiles import QUEUES, Profile
 from .rebalance_policy import (
     Decision,
@@ -45,6 +47,7 @@ RUNS = "taskmesh:rebalance:runs"
 RESIZED = "taskmesh:rebalance:resized"  # node → when its pool was last resized
 ALERTS = "taskmesh:alerts"
 KEEP_RUNS = 50
+SAMPLE = 64  # messages read per waiting queue to learn what its backlog is made of
 TASK_NAME = "taskmesh.rebalance"
 
 # Move one message from a list to another only if it is still there: none lost, none doubled.
@@ -83,7 +86,8 @@ def _run(app: Any, client: Any, config: Any) -> dict[str, Any]:
     states = registry.states()
     workers = [worker_view(r, states.get(r.node, {})) for r in alive]
     names = list(QUEUES) + sorted(registry.need_queues())
-    queues = queue_views(app_queue_depths(app, names, client=client), registry.mean_runtimes("q:"), workers)
+    depths = app_queue_depths(app, names, client=client)
+    queues = queue_views(depths, expected_runtimes(app, client, registry, depths), workers)
     resized = {k.decode(): float(v) for k, v in client.hgetall(RESIZED).items()}
     # A pool resized since its worker last announced is not known yet: leave its whole host alone
     # this run, since the thread budget is shared by every pool on the host.
@@ -134,6 +138,23 @@ def worker_view(record: WorkerRecord, state: Mapping[str, Any]) -> WorkerView:
         paused=bool(state.get("paused")),
         has_gpus=bool(record.gpus),
     )
+
+
+def expected_runtimes(app: Any, client: Any, registry: Registry, depths: Mapping[str, QueueDepth]) -> dict[str, float]:
+    """Mean run time of what waits in each queue: the learned mean of each task among the
+    next ``SAMPLE`` out, weighted by how often it appears; the queue's own mean for a task
+    never seen run, and for a queue with nothing waiting."""
+    by_queue, by_task = registry.mean_runtimes("q:"), registry.mean_runtimes("t:")
+    expected = dict(by_queue)
+    for name, depth in depths.items():
+        if not depth.waiting:
+            continue
+        sample = [(by_task.get(task, by_queue.get(name)), count)
+                  for task, count in next_tasks(client, name, SAMPLE, **layout(app)).items()]
+        known = [(mean, count) for mean, count in sample if mean is not None]
+        if known:
+            expected[name] = sum(mean * count for mean, count in known) / sum(count for _, count in known)
+    return expected
 
 
 def queue_views(depths: Mapping[str, QueueDepth], runtimes: Mapping[str, float],

@@ -8,8 +8,10 @@ import sys
 import threading
 import time
 
+import pytest
+
 from taskmesh.rebalance import RUNS, rebalance
-from taskmesh.registry import Registry
+from taskmesh.registry import RUNTIMES, Registry
 
 from .conftest import queue_depth, wait_for_workers
 
@@ -139,3 +141,19 @@ def test_two_runs_at_once_one_acts_and_the_other_says_it_did_nothing(gpu_app, br
             assert a["span"][1] <= b["span"][0] or b["span"][1] <= a["span"][0]
     recorded = [json.loads(r) for r in broker.lrange(RUNS, 0, -1)]
     assert len(recorded) == 10 and sum(not r["acted"] for r in recorded) == len(skipped)
+
+
+def test_expected_work_comes_from_the_learned_run_time_of_each_task_waiting(gpu_app, broker):
+    """A queue whose mean is dominated by many fast runs, with slow tasks waiting, is judged
+    by the slow ones: what matters is what waits, not what ran."""
+    learned = {"q:mixed": (0.1, 100), f"t:{gpu_app.blend.name}": (0.1, 100), f"t:{gpu_app.ten_gib.name}": (20.0, 5)}
+    for key, (mean, count) in learned.items():
+        broker.hset(RUNTIMES, mapping={f"{key}:sum": mean * count, f"{key}:count": count})
+    for _ in range(2):
+        gpu_app.blend.delay()
+    for _ in range(3):
+        gpu_app.ten_gib.apply_async(queue="mixed")
+    gpu_app.hopper_only.apply_async(queue="mixed")  # never seen run: counted at the queue's mean
+    run = rebalance(gpu_app.app)
+    assert run["depths"]["mixed"]["waiting"] == 6
+    assert run["depths"]["mixed"]["expected_work_s"] == pytest.approx(6 * (3 * 20.0 + 3 * 0.1) / 6, abs=0.01)
