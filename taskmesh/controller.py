@@ -22,7 +22,7 @@ from typing import Any
 from celery.worker import state as worker_state
 
 from .activity import GpuActivity
-from .gate import Admitted, Gate, Reroute, Wait, fits
+from .gate import Admitted, Decision, Gate, Reroute, Wait, fits
 from .profiles import Profile
 from .registry import GpuRecord, Registry, WorkerRecord
 from .requirements import HEADER, Requirement
@@ -96,8 +96,13 @@ class AdmissionController:
         """Decide for *held*; ``False`` means it must wait."""
         message = held.message
         task_id = message.headers.get("id")
-        # by incarnation: a restart under the same name must not adopt its predecessor's reservation
-        decision = self.gate.decide(held.requirement, f"{self.node}#{self.incarnation}/{task_id}")
+        if task_id in worker_state.revoked:  # revoked while held: Celery discards it, with nothing reserved
+            held.proceed()
+            return True
+        if task_id in self.reservations:  # a retry delivered before its last run let go: that release would free it
+            decision: Decision = Wait(f"the previous run of {task_id} still holds its reservation")
+        else:  # by incarnation: a restart under the same name must not adopt its predecessor's reservation
+            decision = self.gate.decide(held.requirement, f"{self.node}#{self.incarnation}/{task_id}")
         if isinstance(decision, Wait):
             self.counters["waits"] += 1
             self.reasons["waiting"] = decision.reason

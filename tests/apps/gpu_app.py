@@ -9,6 +9,7 @@ from typing import Any
 import redis
 
 from taskmesh import create_app
+from taskmesh.ledger import Ledger, gpu_pool
 from taskmesh.placement import current_placement
 
 app = create_app("tests.apps.gpu_app")
@@ -60,3 +61,26 @@ def progressing(self, steps: int, seconds_per_step: float) -> int:
         time.sleep(seconds_per_step)
         self.progress(step, steps)
     return steps
+
+
+@app.task(bind=True, profile="gpu", vram="10GiB", time_limit=120)
+def fails(self, seconds: float = 0.1) -> None:
+    _run(self, seconds, None)
+    raise RuntimeError("this task fails on purpose")
+
+
+@app.task(bind=True, profile="gpu", vram="10GiB", time_limit=120)
+def retries_once(self, seconds: float = 0.3) -> dict[str, Any]:
+    """Asks for a retry at once; the retried run takes *seconds* and reports what its GPU had reserved."""
+    if not self.request.retries:
+        _run(self, 0.0, 0)
+        raise self.retry(countdown=0)
+    ran = _run(self, seconds, 1)
+    pool = gpu_pool(ran["gpu_uuids"][0])
+    return {**ran, "reserved_mib": Ledger(redis.Redis.from_url(app.conf.broker_url)).used([pool])[pool]}
+
+
+@app.task(bind=True, profile="gpu", vram="10GiB", time_limit=0.3)
+def overruns(self, seconds: float = 30.0) -> dict[str, Any]:
+    """Killed by its hard time limit long before it would end."""
+    return _run(self, seconds, None)
