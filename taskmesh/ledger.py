@@ -14,6 +14,7 @@ seconds while alive, and stops when it is not.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -36,42 +37,37 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
 # Take the first of several options (each a list of claims) that fits, in one round trip.
 # KEYS: amounts1, expiry1, amounts2, expiry2, ... (each pool once)
-# ARGV: id, ttl, options, then per option: claims, then per claim: pool number, capacity, amount
+# ARGV: id, ttl, JSON [[[pool number, capacity, amount], ...claims], ...options] (one argument:
+# redis-py packs each argument separately, which for a 64-GPU worker cost more than the script)
 # Returns {taken option or 0, then per refused option: option, claim, used}.
 _RESERVE_FIRST = _SWEEP + """
 local id, ttl = ARGV[1], tonumber(ARGV[2])
-local used = {}
-local refusals = {}
-local pos = 4
-for o = 1, tonumber(ARGV[3]) do  -- an id already held anywhere: a no-op, whatever the order
-  local claims = tonumber(ARGV[pos])
-  for c = 1, claims do
-    local k = tonumber(ARGV[pos + 3*c - 2])
-    if used[k] == nil then used[k] = sweep(KEYS[2*k-1], KEYS[2*k], now) end
-    if redis.call('HEXISTS', KEYS[2*k-1], id) == 1 then return {o} end
+local options = cjson.decode(ARGV[3])
+for o, option in ipairs(options) do  -- an id already held (unexpired) anywhere: a no-op, whatever the order
+  for _, claim in ipairs(option) do
+    local expiry = redis.call('ZSCORE', KEYS[2 * claim[1]], id)
+    if expiry and tonumber(expiry) > now then return {o} end
   end
-  pos = pos + 1 + 3 * claims
 end
-pos = 4
-for o = 1, tonumber(ARGV[3]) do
-  local claims, fit = tonumber(ARGV[pos]), true
-  for c = 1, claims do
-    local k = tonumber(ARGV[pos + 3*c - 2])
-    if used[k] + tonumber(ARGV[pos + 3*c]) > tonumber(ARGV[pos + 3*c - 1]) then
+local used, refusals = {}, {}
+for o, option in ipairs(options) do
+  local fit = true
+  for c, claim in ipairs(option) do
+    local k = claim[1]
+    if used[k] == nil then used[k] = sweep(KEYS[2*k-1], KEYS[2*k], now) end
+    if used[k] + claim[3] > claim[2] then
       table.insert(refusals, o); table.insert(refusals, c); table.insert(refusals, used[k])
       fit = false
       break
     end
   end
   if fit then
-    for c = 1, claims do
-      local k = tonumber(ARGV[pos + 3*c - 2])
-      redis.call('HSET', KEYS[2*k-1], id, ARGV[pos + 3*c])
-      redis.call('ZADD', KEYS[2*k], now + ttl, id)
+    for _, claim in ipairs(option) do
+      redis.call('HSET', KEYS[2*claim[1]-1], id, claim[3])
+      redis.call('ZADD', KEYS[2*claim[1]], now + ttl, id)
     end
     return {o}
   end
-  pos = pos + 1 + 3 * claims
 end
 local out = {0}
 for _, v in ipairs(refusals) do table.insert(out, v) end
@@ -177,11 +173,9 @@ class Ledger:
         if not options or not options[0]:
             return (0 if options else None), ()
         pools: dict[str, int] = {}
-        args: list[object] = [reservation, self.ttl_s, len(options)]
-        for option in options:
-            args.append(len(option))
-            for claim in option:
-                args += [pools.setdefault(claim.pool, len(pools) + 1), claim.capacity, claim.amount]
+        packed = [[[pools.setdefault(c.pool, len(pools) + 1), c.capacity, c.amount] for c in option]
+                  for option in options]
+        args = [reservation, self.ttl_s, json.dumps(packed)]
         taken, *refused = self._reserve_first(keys=self._keys(pools), args=args)
         refusals = tuple(
             Refusal(claim.pool, int(used), claim.amount, claim.capacity)

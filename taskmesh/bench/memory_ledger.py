@@ -37,13 +37,15 @@ class MemoryLedger:
 
     def reserve_first(self, reservation: str, options: Sequence[Sequence[Claim]]) -> Taken:
         now = self.clock()
-        used = {claim.pool: self._sweep(claim.pool, now) for option in options for claim in option}
-        for index, option in enumerate(options):  # an id already held anywhere: a no-op, whatever the order
-            if any(reservation in self.pools.get(claim.pool, ()) for claim in option):
+        for index, option in enumerate(options):  # an id already held (unexpired) anywhere: a no-op
+            if any(self.pools.get(claim.pool, {}).get(reservation, (0, now))[1] > now for claim in option):
                 return index, ()
+        used: dict[str, int] = {}
         refusals = []
         for index, option in enumerate(options):
             for claim in option:
+                if claim.pool not in used:
+                    used[claim.pool] = self._sweep(claim.pool, now)
                 if used[claim.pool] + claim.amount > claim.capacity:
                     refusals.append(Refusal(claim.pool, used[claim.pool], claim.amount, claim.capacity))
                     break
