@@ -17,8 +17,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
+from celery.utils.time import maybe_iso8601, maybe_make_aware
 from celery.worker import state as worker_state
 
 from .activity import GpuActivity
@@ -31,6 +33,14 @@ log = logging.getLogger(__name__)
 GPUS_HEADER = "taskmesh_gpus"
 RECONCILE_AFTER_S = 2.0
 EVENT_EVERY_S = 5.0
+
+
+def _expired(expires: Any) -> bool:
+    """Past the message's ``expires`` (ISO 8601, as Celery sends it)."""
+    try:
+        return expires is not None and maybe_make_aware(maybe_iso8601(expires)) < datetime.now(UTC)
+    except (TypeError, ValueError):
+        return False  # Celery's own Request reports a malformed one when it is handed over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +106,8 @@ class AdmissionController:
         """Decide for *held*; ``False`` means it must wait."""
         message = held.message
         task_id = message.headers.get("id")
-        if task_id in worker_state.revoked:  # revoked while held: Celery discards it, with nothing reserved
-            held.proceed()
+        if task_id in worker_state.revoked or _expired(message.headers.get("expires")):
+            held.proceed()  # revoked or expired while held: Celery discards it, with nothing reserved
             return True
         if task_id in self.reservations:  # a retry delivered before its last run let go: that release would free it
             decision: Decision = Wait(f"the previous run of {task_id} still holds its reservation")
@@ -273,12 +283,10 @@ class AdmissionController:
             else:
                 self.reasons.pop("unhealthy", None)
             self._subscribe_need_queues()
+        elif pressure := self.gate.host_pressure():
+            self.reasons["pressure"] = pressure
         else:
-            pressure = self.gate.host_pressure()
-            if pressure:
-                self.reasons["pressure"] = pressure
-            else:
-                self.reasons.pop("pressure", None)
+            self.reasons.pop("pressure", None)
         self._update_intake()
 
     def _reconcile(self) -> None:

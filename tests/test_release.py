@@ -1,5 +1,5 @@
 """A GPU task gives its reserved memory back as soon as it ends, however it ends: success,
-failure, retry, revoke (running or still waiting) and a hard time limit.
+failure, retry, revoke (running or still waiting), expiry while waiting and a hard time limit.
 
 Each run here ends within a few tenths of a second of its admission, and the ledger must
 be back at 0 within ``PROMPT_S`` of the ending being visible to the client. The controller's
@@ -83,8 +83,20 @@ def is_revoked_while_waiting(app, broker, node) -> int:
     return 0  # never admitted: nothing was reserved for it
 
 
+def expires_while_waiting(app, broker, node) -> int:
+    memory = SimulationControl(broker)
+    memory.use(0, 8 * GIB)
+    waiting = app.ten_gib.apply_async((0.1,), expires=3)
+    wait_until(lambda: stats(app.app, node)["held"] == 1, "the task was held")
+    wait_until(lambda: waiting.state == "REVOKED", "the held task expired", timeout=30)
+    wait_until(lambda: not stats(app.app, node)["paused"], "the expired task left the line", timeout=20)
+    memory.use(0, 0)
+    assert not broker.llen(app.RUNS)
+    return 0
+
+
 @pytest.mark.parametrize("ending", [succeeds, fails, retries_once, hits_its_time_limit,
-                                    is_revoked_while_running, is_revoked_while_waiting])
+                                    is_revoked_while_running, is_revoked_while_waiting, expires_while_waiting])
 def test_a_gpu_task_releases_its_memory_as_soon_as_it(ending, gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, GPU, TASKMESH_GPU_SLOTS=SLOTS)
     pool = gpu_pool(SimulatedProvider(GPU).snapshot()[0].uuid)
