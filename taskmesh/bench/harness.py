@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 import redis
@@ -112,27 +112,38 @@ def wait_for_records(client: redis.Redis, count: int, timeout: float, procs: Pro
     return [json.loads(raw) for raw in client.lrange(key, 0, -1)]
 
 
-class CpuSampler:
-    """System-wide CPU utilisation sampled by psutil on a thread, as (unix time, percent)."""
+class Sampler:
+    """Readings taken on a thread every ``period_s`` while its ``with`` block runs, each
+    stored as (unix time, *what ``read`` returns)."""
 
     def __init__(self, period_s: float = 0.25) -> None:
         self.period_s = period_s
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[Any, ...]] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+
+    def read(self) -> tuple[Any, ...]:
+        raise NotImplementedError
 
     def _run(self) -> None:
-        psutil.cpu_percent(interval=None)
+        self.read()  # a first reading, discarded: psutil's cpu_percent counts from the previous call
         while not self._stop.wait(self.period_s):
-            self.samples.append((time.time(), psutil.cpu_percent(interval=None)))
+            self.samples.append((time.time(), *self.read()))
 
-    def __enter__(self) -> CpuSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class CpuSampler(Sampler):
+    """System-wide CPU utilisation (psutil), as (unix time, percent)."""
+
+    def read(self) -> tuple[float]:
+        return (psutil.cpu_percent(interval=None),)
 
     def mean(self, start: float, end: float) -> float | None:
         """Mean percent over the sampling periods that lie wholly between *start* and *end*."""
@@ -140,33 +151,20 @@ class CpuSampler:
         return round(sum(inside) / len(inside), 1) if inside else None
 
 
-class GpuSampler:
-    """Every GPU's NVML utilisation and memory used, sampled on a thread, as (unix time,
-    mean utilisation percent over the GPUs or ``None``, MiB used on all GPUs together)."""
+class GpuSampler(Sampler):
+    """Every GPU's NVML utilisation and memory used, as (unix time, mean utilisation
+    percent over the GPUs or ``None``, MiB used on all GPUs together)."""
 
     def __init__(self, provider: Any, period_s: float = 0.25) -> None:
+        super().__init__(period_s)
         self.provider = provider
-        self.period_s = period_s
-        self.samples: list[tuple[float, float | None, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            gpus = self.provider.snapshot()
-            busy = [g.utilization_percent for g in gpus if g.utilization_percent is not None]
-            self.samples.append((time.time(), sum(busy) / len(busy) if busy else None,
-                                 sum(g.memory_used_mib for g in gpus)))
+    def read(self) -> tuple[float | None, int]:
+        gpus = self.provider.snapshot()
+        busy = [g.utilization_percent for g in gpus if g.utilization_percent is not None]
+        return (sum(busy) / len(busy) if busy else None), sum(g.memory_used_mib for g in gpus)
 
-    def __enter__(self) -> GpuSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def between(self, start: float, end: float) -> list[tuple[float, float | None, int]]:
+    def between(self, start: float, end: float) -> list[tuple[Any, ...]]:
         return [sample for sample in self.samples if start <= sample[0] <= end]
 
 
