@@ -116,6 +116,23 @@ def _run(app: Any, client: Any, config: Any) -> dict[str, Any]:
     return run
 
 
+def expected_runtimes(app: Any, client: Any, registry: Registry, depths: Mapping[str, QueueDepth]) -> dict[str, float]:
+    """Mean run time of what waits in each queue: the learned mean of each task among the
+    next ``SAMPLE`` out, weighted by how often it appears; the queue's own mean for a task
+    never seen run, and for a queue with nothing waiting."""
+    by_queue, by_task = registry.mean_runtimes("q:"), registry.mean_runtimes("t:")
+    expected = dict(by_queue)
+    for name, depth in depths.items():
+        if not depth.waiting:
+            continue
+        sample = [(by_task.get(task, by_queue.get(name)), count)
+                  for task, count in next_tasks(client, name, SAMPLE, **layout(app)).items()]
+        known = [(mean, count) for mean, count in sample if mean is not None]
+        if known:
+            expected[name] = sum(mean * count for mean, count in known) / sum(count for _, count in known)
+    return expected
+
+
 # --- what the policy sees: pure, so the fleet simulator builds the same views from its own state ---
 
 
@@ -138,23 +155,6 @@ def worker_view(record: WorkerRecord, state: Mapping[str, Any]) -> WorkerView:
         paused=bool(state.get("paused")),
         has_gpus=bool(record.gpus),
     )
-
-
-def expected_runtimes(app: Any, client: Any, registry: Registry, depths: Mapping[str, QueueDepth]) -> dict[str, float]:
-    """Mean run time of what waits in each queue: the learned mean of each task among the
-    next ``SAMPLE`` out, weighted by how often it appears; the queue's own mean for a task
-    never seen run, and for a queue with nothing waiting."""
-    by_queue, by_task = registry.mean_runtimes("q:"), registry.mean_runtimes("t:")
-    expected = dict(by_queue)
-    for name, depth in depths.items():
-        if not depth.waiting:
-            continue
-        sample = [(by_task.get(task, by_queue.get(name)), count)
-                  for task, count in next_tasks(client, name, SAMPLE, **layout(app)).items()]
-        known = [(mean, count) for mean, count in sample if mean is not None]
-        if known:
-            expected[name] = sum(mean * count for mean, count in known) / sum(count for _, count in known)
-    return expected
 
 
 def queue_views(depths: Mapping[str, QueueDepth], runtimes: Mapping[str, float],
