@@ -120,13 +120,14 @@ def expected_runtimes(app: Any, client: Any, registry: Registry, depths: Mapping
     """Mean run time of what waits in each queue: the learned mean of each task among the
     next ``SAMPLE`` out, weighted by how often it appears; the queue's own mean for a task
     never seen run, and for a queue with nothing waiting."""
-    by_queue, by_task = registry.mean_runtimes("q:"), registry.mean_runtimes("t:")
-    expected = dict(by_queue)
+    means = registry.mean_runtimes()
+    expected = {key[len("q:"):]: mean for key, mean in means.items() if key.startswith("q:")}
+    keys = layout(app)
     for name, depth in depths.items():
         if not depth.waiting:
             continue
-        sample = [(by_task.get(task, by_queue.get(name)), count)
-                  for task, count in next_tasks(client, name, SAMPLE, **layout(app)).items()]
+        sample = [(means.get(f"t:{task}", expected.get(name)), count)
+                  for task, count in next_tasks(client, name, SAMPLE, **keys).items()]
         known = [(mean, count) for mean, count in sample if mean is not None]
         if known:
             expected[name] = sum(mean * count for mean, count in known) / sum(count for _, count in known)

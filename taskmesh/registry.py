@@ -181,11 +181,11 @@ class Registry:
     def counters(self) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(COUNTERS).items()}
 
-    def mean_runtimes(self, prefix: str = "q:") -> dict[str, float]:
-        """Mean observed run time by queue (``q:``) or task (``t:``) name."""
+    def mean_runtimes(self) -> dict[str, float]:
+        """Mean observed run time by queue (``q:<queue>``) and by task (``t:<task>``), one read."""
         raw = {k.decode(): float(v) for k, v in self.client.hgetall(RUNTIMES).items()}
         return {
-            key[len(prefix) : -len(":sum")]: total / raw[key[: -len(":sum")] + ":count"]
+            key[: -len(":sum")]: total / raw[key[: -len(":sum")] + ":count"]
             for key, total in raw.items()
-            if key.startswith(prefix) and key.endswith(":sum") and raw.get(key[: -len(":sum")] + ":count")
+            if key.endswith(":sum") and raw.get(key[: -len(":sum")] + ":count")
         }
