@@ -1,10 +1,12 @@
 """taskmesh: resource-aware Celery. Declare what a task needs; it lands where it fits."""
 
-from .app import TaskmeshCelery, TaskmeshTask, create_app
-from .errors import ConfigError, InfeasibleRequirement, QueueFull, RequirementError, TaskmeshError
-from .gpu import GpuInfo, GpuProvider, NvmlProvider, SimulatedProvider
-from .profiles import Priority, Profile
-from .requirements import Requirement
+from taskmesh.app import TaskmeshCelery, TaskmeshTask, create_app
+from taskmesh.core.errors import ConfigError, InfeasibleRequirement, QueueFull, RequirementError, TaskmeshError
+from taskmesh.core.gpus import GpuInfo, GpuProvider
+from taskmesh.core.profiles import Priority, Profile
+from taskmesh.core.requirements import Requirement
+from taskmesh.hardware.nvml import NvmlProvider
+from taskmesh.hardware.simulated import SimulatedProvider
 
 __all__ = [
     "ConfigError",

@@ -1,3 +1,3 @@
-from .cli import main
+from taskmesh.cli import main
 
 main()

@@ -14,27 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import click
-from celery.app.utils import find_app
 from kombu.utils.imports import symbol_by_name
 
-from .config import Config, load_config
-from .errors import TaskmeshError
-from .hardware import Inventory, detect
-from .stack import Stack, StackError, StackOptions, free_port
-from .workers import GROUP_PROFILES, PlanError, plan_workers
+from taskmesh.app.loading import app_path, load_app
+from taskmesh.core.config import Config, load_config
+from taskmesh.core.errors import TaskmeshError
+from taskmesh.core.nodes import group_of
+from taskmesh.hardware.inventory import Inventory, detect
+from taskmesh.run.stack import Stack, StackError, StackOptions, free_port
+from taskmesh.run.workers import GROUP_PROFILES, PlanError, plan_workers
 
-DEMO_APP = "taskmesh.demo"
+DEMO_APP = "taskmesh.run.demo"
 DEMO_GPUS = "1x24GiB,cc=8.9"
-
-
-def load_app(path: str) -> Any:
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return find_app(path)
-
-
-def app_path(ctx: click.Context) -> str | None:
-    return ctx.meta.get("taskmesh.app")
 
 
 def config_and_inventory(app: Any | None) -> tuple[Config, Inventory]:
@@ -61,7 +52,7 @@ def _plan(app: Any, profile: str, gpu_pool: str | None) -> list[Any]:
 def worker(ctx: click.Context, profile: str, gpu_pool: str | None, dry_run: bool, loglevel: str,
            logdir: Path | None) -> None:
     """Start typed worker groups sized from this machine's hardware."""
-    from .supervisor import ProcessSpec, Supervisor
+    from taskmesh.run.supervisor import ProcessSpec, Supervisor
 
     path = app_path(ctx)
     if not path:
@@ -93,8 +84,8 @@ GPU_WATCH_S = 5.0
 def supervise(supervisor: Any, app: Any, path: str, loglevel: str, gpu_pool: str | None,
               gpu_groups: set[str] | None, env: dict[str, str] | None = None) -> None:
     """Supervise until a signal; with *gpu_groups*, start a worker group for each GPU that appears."""
-    from .gpu import provider_from_env
-    from .supervisor import ProcessSpec
+    from taskmesh.hardware.providers import provider_from_env
+    from taskmesh.run.supervisor import ProcessSpec
 
     while not supervisor.stopping:
         supervisor.wait(timeout=GPU_WATCH_S)
@@ -162,7 +153,7 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
         stack.wait_until_ready(app)
         click.echo(stack.describe())
         if demo:
-            from .demo import format_summary, run_workload
+            from taskmesh.run.demo import format_summary, run_workload
 
             summary = run_workload()
             click.echo(format_summary(summary))
@@ -170,7 +161,7 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
                 click.echo(json.dumps(summary))
         else:
             click.echo("taskmesh: up; Ctrl-C stops everything", err=True)
-            groups = {name.split("@", 1)[0] for name in stack.nodenames}
+            groups = {group_of(name) for name in stack.nodenames}
             supervise(stack.supervisor, app, path, options.loglevel, gpu_pool, groups, stack.env)
     finally:
         stack.stop()
@@ -203,7 +194,7 @@ def doctor(ctx: click.Context) -> None:
 @click.pass_context
 def rebalance(ctx: click.Context) -> None:
     """Run one rebalance now (beat runs it every interval) and print what it decided, as JSON."""
-    from .rebalance import rebalance as run
+    from taskmesh.app.rebalance import rebalance as run
 
     path = app_path(ctx)
     if not path:
@@ -215,10 +206,10 @@ COMMANDS = (worker, up, doctor, rebalance)
 #: Commands whose modules pull in rich, prometheus-client or the benchmarks: imported
 #: only when run, because Celery imports this module for every ``celery`` command.
 LAZY_COMMANDS = {
-    "status": "taskmesh.top:status",
-    "top": "taskmesh.top:top",
-    "exporter": "taskmesh.exporter:exporter",
-    "bench": "taskmesh.bench.command:bench",
+    "status": "taskmesh.observe.top:status",
+    "top": "taskmesh.observe.top:top",
+    "exporter": "taskmesh.observe.exporter:exporter",
+    "bench": "benchmarks.command:bench",
 }
 
 
@@ -228,7 +219,13 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in LAZY_COMMANDS:
-            return symbol_by_name(LAZY_COMMANDS[name])
+            try:
+                return symbol_by_name(LAZY_COMMANDS[name])
+            except ModuleNotFoundError as exc:
+                if exc.name != "benchmarks":
+                    raise
+                raise click.UsageError("taskmesh bench runs from a source checkout (the benchmarks are not in the "
+                                       "installed package): cd into it and run scripts/bench") from None
         return super().get_command(ctx, name)
 
 

@@ -15,8 +15,8 @@ import psutil
 import pytest
 import redis
 
-from taskmesh.stack import free_port
-from taskmesh.supervisor import stop_process
+from taskmesh.run.stack import free_port
+from taskmesh.run.supervisor import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,11 +9,12 @@ import socket
 import threading
 import time
 
-from taskmesh.config import AdmissionConfig
-from taskmesh.gate import Admitted, Gate, Wait
-from taskmesh.gpu import SimulatedProvider, SimulationControl
-from taskmesh.ledger import Ledger, gpu_pool
-from taskmesh.requirements import Requirement
+from taskmesh.core.claims import gpu_pool
+from taskmesh.core.config import AdmissionConfig
+from taskmesh.core.gate import Admitted, Gate, Wait
+from taskmesh.core.requirements import Requirement
+from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
+from taskmesh.state.ledger import Ledger
 
 from .conftest import wait_for_workers
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from taskmesh import InfeasibleRequirement, QueueFull, create_app
-from taskmesh.registry import Registry
+from taskmesh.state.registry import Registry
 
 from .conftest import queue_depth, wait_for_workers
 

@@ -14,14 +14,15 @@ import time
 import pytest
 import redis
 
-from taskmesh.bench.fleet import FULL, SIM_TTL_S, simulate, with_gpu_alerts
-from taskmesh.bench.memory_ledger import MemoryLedger
-from taskmesh.bench.rebalance_probe import RebalanceProbe
-from taskmesh.bench.simulate import Simulation
-from taskmesh.bench.synthetic import GPU_KINDS, TASK_CLASSES, kind_gpu, lower_bound, make_fleet, make_jobs, requirements
-from taskmesh.config import Config
-from taskmesh.gate import fits
-from taskmesh.ledger import Claim, Ledger, LedgerLike
+from benchmarks.fleet import FULL, SIM_TTL_S, simulate, with_gpu_alerts
+from benchmarks.rebalance_probe import RebalanceProbe
+from benchmarks.simulate import Simulation
+from benchmarks.synthetic import GPU_KINDS, TASK_CLASSES, kind_gpu, lower_bound, make_fleet, make_jobs, requirements
+from taskmesh.core.claims import Claim, LedgerLike
+from taskmesh.core.config import Config
+from taskmesh.core.need_queues import fits
+from taskmesh.state.ledger import Ledger
+from taskmesh.state.memory_ledger import MemoryLedger
 
 POOLS = ("gpu:a", "gpu:b", "host:h:threads")
 CAPACITY = {"gpu:a": 100, "gpu:b": 60, "host:h:threads": 8}

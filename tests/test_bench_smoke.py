@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from taskmesh.bench import SCENARIOS
-from taskmesh.bench.real_gpu import unavailable
+from benchmarks import SCENARIOS
+from benchmarks.real_gpu import unavailable
 
 from .conftest import ROOT, marked
 

@@ -9,10 +9,10 @@ import textwrap
 import pytest
 
 from taskmesh import ConfigError, create_app
-from taskmesh.config import load_config
-from taskmesh.gpu import SimulatedProvider
-from taskmesh.hardware import detect
-from taskmesh.workers import plan_workers
+from taskmesh.core.config import load_config
+from taskmesh.hardware.inventory import detect
+from taskmesh.hardware.simulated import SimulatedProvider
+from taskmesh.run.workers import plan_workers
 
 from .conftest import ROOT
 

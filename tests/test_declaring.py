@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from taskmesh import Priority, Profile, Requirement, RequirementError, create_app
-from taskmesh.sizes import SizeError, parse_mib
+from taskmesh.core.sizes import SizeError, parse_mib
 
 
 @pytest.mark.parametrize(

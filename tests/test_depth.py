@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 from taskmesh import Priority, create_app
-from taskmesh.depth import QueueDepth, app_queue_depths, next_tasks, queue_depths
+from taskmesh.state.queues import QueueDepth, app_queue_depths, next_tasks, queue_depths
 
 QUEUES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 

@@ -22,8 +22,8 @@ import requests
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from taskmesh.gpu import SimulationControl
-from taskmesh.stack import free_port, port_in_use
+from taskmesh.hardware.simulated import SimulationControl
+from taskmesh.run.stack import free_port, port_in_use
 
 from .conftest import marked, wait_for_workers
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from taskmesh.ledger import Claim, Ledger, gpu_pool, host_threads_pool
+from taskmesh.core.claims import Claim, gpu_pool, host_threads_pool
+from taskmesh.state.ledger import Ledger
 
 
 def test_reservations_never_exceed_capacity_under_contention(broker):

@@ -21,9 +21,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskmesh import QueueFull, create_app
-from taskmesh.gpu import SimulatedProvider, SimulationControl
-from taskmesh.metrics import ALERTS, EVENT_FED, KNOWN_COUNTERS, METRICS, REBALANCE_RUNS, TELEMETRY
-from taskmesh.stack import free_port
+from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
+from taskmesh.observe.metrics import ALERTS, EVENT_FED, KNOWN_COUNTERS, METRICS, REBALANCE_RUNS, TELEMETRY
+from taskmesh.run.stack import free_port
 
 from .conftest import ROOT, wait_for_workers
 
@@ -207,7 +207,7 @@ def test_runtime_and_queue_wait_histograms_count_tasks_from_celery_events(gpu_ap
 def test_task_timings_forget_the_oldest_pending_task_beyond_their_bound(gpu_app):
     from prometheus_client import CollectorRegistry
 
-    from taskmesh.exporter import TaskTimings
+    from taskmesh.observe.exporter import TaskTimings
 
     registry = CollectorRegistry()
     timings = TaskTimings(gpu_app.app, registry, max_pending=2)

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from taskmesh.rebalance import RUNS, rebalance
-from taskmesh.registry import RUNTIMES, Registry
+from taskmesh.app.rebalance import rebalance
+from taskmesh.state.keys import REBALANCE_RUNS, RUNTIMES
+from taskmesh.state.registry import Registry
 
 from .conftest import queue_depth, wait_for_workers
 
@@ -52,7 +53,7 @@ def test_mixed_workers_move_to_a_cpu_burst_and_go_back(gpu_app, broker, processe
     assert "gpu" not in active_queues(gpu_app.app, mixed)
     # counted in rebalance runs, not seconds (a loaded machine stretches both): the move is
     # decided by the first or second run that saw the burst
-    runs = [json.loads(r) for r in reversed(broker.lrange(RUNS, 0, -1))]
+    runs = [json.loads(r) for r in reversed(broker.lrange(REBALANCE_RUNS, 0, -1))]
     saw_burst = [r for r in runs if r.get("depths", {}).get("cpu_intensive", {}).get("waiting")]
     moves = [i for i, r in enumerate(saw_burst) for d in r["decisions"]
              if d["action"] == "move_consumer" and d["target"] == mixed and d.get("queue") == "cpu_intensive"]
@@ -82,7 +83,7 @@ def test_saturated_gpu_work_with_a_fallback_moves_to_cpu_none_lost_none_twice(gp
     runs = [r.decode() for r in broker.lrange("test:runs", 0, -1)]
     assert len(runs) == len(set(runs)) == 51  # blocker + 50: none lost, none run twice
     assert not blocker.ready()
-    decisions = [d for run in broker.lrange(RUNS, 0, -1) for d in json.loads(run)["decisions"]]
+    decisions = [d for run in broker.lrange(REBALANCE_RUNS, 0, -1) for d in json.loads(run)["decisions"]]
     assert any(d["action"] == "reroute" and d["target"] == "cpu_intensive" for d in decisions)
 
 
@@ -123,9 +124,7 @@ def test_two_runs_at_once_one_acts_and_the_other_says_it_did_nothing(gpu_app, br
 
         def run(barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
-            started = time.monotonic()
-            result = rebalance(gpu_app.app)
-            outcomes.append({**result, "span": (started, time.monotonic())})
+            outcomes.append(rebalance(gpu_app.app))
 
         threads = [threading.Thread(target=run) for _ in range(2)]
         for t in threads:
@@ -136,10 +135,10 @@ def test_two_runs_at_once_one_acts_and_the_other_says_it_did_nothing(gpu_app, br
     skipped = [o for o in outcomes if not o["acted"]]
     assert skipped and all(o["skipped"] == "another rebalance run holds the lock" for o in skipped)
     assert all(not o["decisions"] for o in skipped)
-    for i, a in enumerate(acted):  # runs that acted never overlapped
+    for i, a in enumerate(acted):  # runs that acted never overlapped while holding the lock
         for b in acted[i + 1:]:
-            assert a["span"][1] <= b["span"][0] or b["span"][1] <= a["span"][0]
-    recorded = [json.loads(r) for r in broker.lrange(RUNS, 0, -1)]
+            assert a["at"] <= b["started_at"] or b["at"] <= a["started_at"]
+    recorded = [json.loads(r) for r in broker.lrange(REBALANCE_RUNS, 0, -1)]
     assert len(recorded) == 10 and sum(not r["acted"] for r in recorded) == len(skipped)
 
 

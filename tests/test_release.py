@@ -15,9 +15,10 @@ from collections.abc import Callable
 import pytest
 from celery.exceptions import TimeLimitExceeded
 
-from taskmesh.controller import RECONCILE_AFTER_S
-from taskmesh.gpu import SimulatedProvider, SimulationControl
-from taskmesh.ledger import Ledger, gpu_pool
+from taskmesh.core.claims import gpu_pool
+from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
+from taskmesh.state.ledger import Ledger
+from taskmesh.worker.controller import RECONCILE_AFTER_S
 
 from .test_admission import GIB, start_gpus, stats
 

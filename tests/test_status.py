@@ -21,11 +21,12 @@ from celery.exceptions import TimeLimitExceeded
 from rich.console import Console
 
 from taskmesh import create_app
-from taskmesh.gpu import SimulatedProvider
-from taskmesh.progress import PROGRESS
-from taskmesh.registry import Registry, WorkerRecord
-from taskmesh.status import collect_status
-from taskmesh.top import render
+from taskmesh.core.records import WorkerRecord
+from taskmesh.hardware.simulated import SimulatedProvider
+from taskmesh.observe.status import collect_status
+from taskmesh.observe.top import render
+from taskmesh.state.keys import PROGRESS
+from taskmesh.state.registry import Registry
 
 from .conftest import ROOT, wait_for_workers
 

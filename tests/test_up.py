@@ -78,7 +78,7 @@ def test_up_serves_flower_with_auth_and_sigterm_stops_everything(processes, tmp_
 
 
 def _free() -> int:
-    from taskmesh.stack import free_port
+    from taskmesh.run.stack import free_port
 
     return free_port()
 

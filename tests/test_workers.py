@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from taskmesh.gpu import SimulatedProvider
+from taskmesh.hardware.simulated import SimulatedProvider
 
 from .conftest import queue_depth, wait_for_workers
 

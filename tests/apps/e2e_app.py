@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from taskmesh import create_app
-from taskmesh.placement import current_placement
+from taskmesh.app.placement import current_placement
 
 app = create_app("tests.apps.e2e_app")
 

@@ -9,8 +9,9 @@ from typing import Any
 import redis
 
 from taskmesh import create_app
-from taskmesh.ledger import Ledger, gpu_pool
-from taskmesh.placement import current_placement
+from taskmesh.app.placement import current_placement
+from taskmesh.core.claims import gpu_pool
+from taskmesh.state.ledger import Ledger
 
 app = create_app("tests.apps.gpu_app")
 RUNS = "test:runs"

@@ -1,0 +1,3 @@
+from benchmarks.command import bench
+
+bench(prog_name="python -m benchmarks")

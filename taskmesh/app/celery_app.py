@@ -1,0 +1,140 @@
+"""``create_app``: a plain ``celery.Celery`` that knows what its tasks need.
+
+Everything here is ordinary Celery configuration — queues, a router, a Task base
+class, settings — so removing taskmesh leaves a working Celery app. The only
+override of Celery's own API is ``task()``, so that a resource declaration is
+validated at import (Celery itself creates task classes lazily).
+
+Defaults are those that long GPU tasks need and that Celery does not ship with:
+late acks, reject on worker loss, prefetch multiplier 1, JSON only, task events on
+(so Flower sees tasks without ``-E``), and a Redis visibility timeout derived from
+the longest declared time limit (``app.visibility``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery
+from celery.utils.imports import gen_task_name
+from kombu import Exchange, Queue
+
+from taskmesh.app.beat import schedule_rebalance
+from taskmesh.app.cuda import connect_empty_cache
+from taskmesh.app.routing import route_by_profile
+from taskmesh.app.task import TaskmeshTask
+from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
+from taskmesh.core.config import Config, load_config
+from taskmesh.core.errors import ConfigError, RequirementError
+from taskmesh.core.profiles import QUEUES, Priority
+from taskmesh.core.requirements import REQUIREMENT_OPTIONS, Requirement
+from taskmesh.hardware.inventory import Inventory, detect
+from taskmesh.state.client import broker_client
+
+log = logging.getLogger(__name__)
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+BROKER_ENV = "TASKMESH_BROKER_URL"
+
+
+class TaskmeshCelery(Celery):
+    """``Celery`` whose ``task()`` accepts and validates resource options."""
+
+    taskmesh_config: Config
+    visibility_timeout_is_explicit: bool = False
+
+    def task(self, *args: Any, **opts: Any) -> Any:
+        if len(args) == 1 and callable(args[0]):
+            return self.task(**opts)(args[0])
+        resources = {k: opts.pop(k) for k in REQUIREMENT_OPTIONS if k in opts}
+
+        def declare(fun: Any) -> Any:
+            name = opts.get("name") or gen_task_name(self, fun.__name__, fun.__module__)
+            requirement = self._requirement(name, {**resources, "priority": opts.pop("priority", None)})
+            return super(TaskmeshCelery, self).task(**dict(opts, requirement=requirement))(fun)
+
+        return declare
+
+    def _requirement(self, name: str, declared: dict[str, Any]) -> Requirement:
+        config = self.taskmesh_config
+        declared = {k: v for k, v in declared.items() if v is not None}
+        # The code's own declaration first, so its errors name the task, not the file.
+        Requirement.from_options(name, declared, config.default_profile)
+        override = config.tasks.get(name)
+        if not override:
+            return Requirement.from_options(name, declared, config.default_profile)
+        try:
+            return Requirement.from_options(name, {**declared, **override}, config.default_profile)
+        except RequirementError as exc:
+            raise ConfigError(config.source, f"tasks.{name}", str(exc).split(": ", 1)[1]) from None
+
+    def redis(self) -> Any:
+        """A Redis client for the broker, shared by this process's producer-side checks."""
+        if getattr(self, "_redis", None) is None:
+            self._redis = broker_client(self)
+        return self._redis
+
+    def submit_policy(self) -> Any:
+        """Checks done before a message is sent (backpressure, feasibility, fallback)."""
+        if getattr(self, "_submit_policy", None) is None:
+            from taskmesh.app.submit import SubmitPolicy
+
+            self._submit_policy = SubmitPolicy(self)
+        return self._submit_policy
+
+    def inventory(self) -> Inventory:
+        """This machine's hardware under this app's config (detected once, then cached)."""
+        if getattr(self, "_inventory", None) is None:
+            self._inventory = detect(self.taskmesh_config)
+        return self._inventory
+
+
+def create_app(
+    main: str | None = None,
+    broker: str | None = None,
+    hardware: str | os.PathLike[str] | None = None,
+    **celery_conf: Any,
+) -> TaskmeshCelery:
+    """A Celery app with taskmesh's queues, router, task base and defaults.
+
+    *broker*: the argument, else ``TASKMESH_BROKER_URL``, else ``taskmesh up``'s
+    local Redis. *hardware*: a config path or name (see ``config.find_config_file``).
+    Any other keyword is Celery configuration and wins over taskmesh's defaults.
+    """
+    config = load_config(hardware)
+    broker_url = broker or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+    app = TaskmeshCelery(main, broker=broker_url, task_cls=TaskmeshTask, set_as_current=False)
+    app.taskmesh_config = config
+    timeout = config.admission.visibility_timeout_s or MIN_VISIBILITY_TIMEOUT
+    transport = {"priority_steps": [0, 3, 6, 9], "visibility_timeout": timeout}
+    app.conf.update(
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_default_queue=config.default_profile.queue,
+        task_routes=(route_by_profile,),
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_backend=broker_url if broker_url.startswith(("redis://", "rediss://")) else None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_priority=int(Priority.NORMAL),
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=dict(transport),
+        result_backend_transport_options=dict(transport),
+        visibility_timeout=timeout,
+    )
+    app.conf.update(celery_conf)
+    app.visibility_timeout_is_explicit = bool(config.admission.visibility_timeout_s) or (
+        "visibility_timeout" in (celery_conf.get("broker_transport_options") or {})
+    )
+    app.on_after_finalize.connect(derive_visibility_timeout, weak=False)
+    app.steps["consumer"].add("taskmesh.worker.bootstep:AdmissionStep")
+    connect_empty_cache(app)
+    schedule_rebalance(app)
+    return app

@@ -1,3 +1,0 @@
-from .command import bench
-
-bench(prog_name="python -m taskmesh.bench")

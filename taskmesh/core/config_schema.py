@@ -1,0 +1,206 @@
+"""The config file's schema: every key, its checker, and the environment overrides.
+
+Each checker returns the converted value or raises ``ValueError`` with the fix;
+``check`` walks a loaded file against ``SCHEMA`` and names the file, the dotted key
+and the closest valid key on any mistake.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from taskmesh.core.errors import ConfigError
+from taskmesh.core.gpus import parse_simulated_spec
+from taskmesh.core.profiles import QUEUES, Profile
+from taskmesh.core.requirements import REQUIREMENT_OPTIONS
+from taskmesh.core.sizes import SizeError, parse_mib
+
+POOLS = ("prefork", "threads", "solo", "gevent")
+
+
+# --- value checkers: each returns the converted value or raises ValueError(fix) ---
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{value!r} is not a whole number >= 1")
+    return value
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{value!r} is not a positive number")
+    return float(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not a non-empty string")
+    return value
+
+
+def _gib(value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_mib(value)
+        except SizeError as exc:
+            raise ValueError(str(exc)) from None
+    return round(_positive_number(value) * 1024)
+
+
+def _pool(value: Any) -> str:
+    if value not in POOLS:
+        raise ValueError(f"{value!r} is not a pool; use one of {', '.join(POOLS)}")
+    return value
+
+
+def _profile(value: Any) -> Profile:
+    return Profile.parse(value)
+
+
+def _simulate(value: Any) -> str:
+    parse_simulated_spec(_text(value), source="simulate")
+    return value
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else _positive_int(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{value!r} is not a number of seconds >= 0")
+    return float(value)
+
+
+def _percent(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+        raise ValueError(f"{value!r} is not a percentage in (0, 100]")
+    return float(value)
+
+
+def _mib(value: Any) -> int:
+    try:
+        return 0 if value == 0 else parse_mib(value)
+    except SizeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _infeasible(value: Any) -> str:
+    if value not in ("raise", "warn"):
+        raise ValueError(f"{value!r} is not 'raise' or 'warn'")
+    return value
+
+
+_Schema = Mapping[str, "Callable[[Any], Any] | _Schema"]
+_QUEUE_SCHEMA = {
+    "max_depth": _optional_int,
+    "concurrency": _optional_int,
+    "pool": _pool,
+    "fallback_depth": _count,
+    "alert_depth": _optional_int,
+    "alert_age_s": _seconds,
+    "max_concurrency": _optional_int,
+}
+
+
+def _home(value: Any) -> str | None:
+    if value in (None, "none"):
+        return None
+    if value not in ("gpu", "cpu_intensive", "cpu_light"):
+        raise ValueError(f"{value!r} is not a queue mixed workers can serve; use gpu, cpu_intensive, cpu_light or none")
+    return value
+
+
+_REBALANCE_SCHEMA = {
+    "interval_s": _positive_number,
+    "mixed_home": _home,
+    "hysteresis": _positive_number,
+    "target_drain_s": _positive_number,
+}
+_ADMISSION_SCHEMA = {
+    "reservation_ttl_s": _seconds,
+    "safety_margin": _mib,
+    "max_memory_percent": _percent,
+    "max_load_per_thread": _positive_number,
+    "on_infeasible": _infeasible,
+    "registry_memory_s": _seconds,
+    "queue_full_wait_s": _seconds,
+    "visibility_timeout_s": _positive_number,
+}
+_GROUP_SCHEMA = {
+    "threads": _positive_int,
+    "memory_mb": _positive_int,
+    "max_instances": _positive_int,
+    "cpu_cores": _positive_number,
+}
+SCHEMA: _Schema = {
+    "default_profile": _profile,
+    "hardware": {
+        "cpu": {"cores": _positive_int, "threads": _positive_int, "max_concurrent_tasks": _positive_int},
+        "gpu": {
+            "count": lambda v: 0 if v == 0 else _positive_int(v),
+            "model": _text,
+            "memory_gb": _gib,
+            "slots_per_gpu": _positive_int,
+            "simulate": _simulate,
+        },
+        "memory": {"total_gb": _gib},
+    },
+    "task_groups": {"*": _GROUP_SCHEMA},
+    "queues": {q: _QUEUE_SCHEMA for q in QUEUES},
+    "tasks": {"*": {option: (lambda v: v) for option in REQUIREMENT_OPTIONS + ("priority",)}},
+    "admission": _ADMISSION_SCHEMA,
+    "rebalance": _REBALANCE_SCHEMA,
+}
+
+#: environment variable → (dotted key, converter); applied over the file.
+ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "TASKMESH_GPU_SLOTS": ("hardware.gpu.slots_per_gpu", _positive_int),
+    "TASKMESH_CPU_CONCURRENCY": ("queues.cpu_intensive.concurrency", _positive_int),
+    "TASKMESH_IO_CONCURRENCY": ("queues.cpu_light.concurrency", _positive_int),
+    "TASKMESH_MIXED_CONCURRENCY": ("queues.mixed.concurrency", _positive_int),
+    "TASKMESH_GPU_POOL": ("queues.gpu.pool", _pool),
+    "TASKMESH_DEFAULT_PROFILE": ("default_profile", _profile),
+    "TASKMESH_RESERVATION_TTL_S": ("admission.reservation_ttl_s", _seconds),
+    "TASKMESH_ON_INFEASIBLE": ("admission.on_infeasible", _infeasible),
+    "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _positive_number),
+    "TASKMESH_VISIBILITY_TIMEOUT_S": ("admission.visibility_timeout_s", _positive_number),
+}
+#: every queue threshold too: TASKMESH_QUEUE_<QUEUE>_<KEY>, e.g. TASKMESH_QUEUE_GPU_MAX_DEPTH=500
+QUEUE_ENV_PREFIX = "TASKMESH_QUEUE_"
+ENV_OVERRIDES.update({
+    f"{QUEUE_ENV_PREFIX}{queue.upper()}_{key.upper()}": (f"queues.{queue}.{key}", convert)
+    for queue in QUEUES for key, convert in _QUEUE_SCHEMA.items()
+})
+
+
+def check(source: str, data: Any, schema: _Schema, path: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, path or None, f"expected a mapping, found {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        rule = schema.get("*", schema.get(str(key)))
+        if rule is None:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"valid keys here: {', '.join(schema)}"
+            raise ConfigError(source, dotted, "unknown key", fix)
+        if callable(rule):
+            try:
+                out[str(key)] = rule(value)
+            except (ValueError, ConfigError) as exc:
+                raise ConfigError(source, dotted, str(exc)) from None
+        else:
+            out[str(key)] = check(source, value, rule, dotted)
+    return out

@@ -1,0 +1,41 @@
+"""Need queues: where GPU tasks go that only some GPUs can ever run.
+
+A worker whose GPUs can never fit a task (too little memory, too old a compute
+capability) does not hold it: it publishes it to the queue named by what it needs
+(``gpu.40960MiB.cc9.0``), registers that queue, and acknowledges it. Every GPU worker
+whose GPUs could run what a registered need queue holds consumes it. Producers send
+such tasks there directly when the registry shows that only some GPUs fit.
+"""
+
+from __future__ import annotations
+
+from taskmesh.core.gpus import GpuInfo
+from taskmesh.core.profiles import Profile
+from taskmesh.core.requirements import Requirement
+
+
+def need_queue(requirement: Requirement) -> str:
+    """The queue for GPU tasks that only some GPUs can run, named by what they need."""
+    parts = ["gpu"]
+    if requirement.vram_mib:
+        parts.append(f"{requirement.vram_mib}MiB")
+    if requirement.min_compute_capability:
+        parts.append("cc{}.{}".format(*requirement.min_compute_capability))
+    return ".".join(parts)
+
+
+def family(queue: str) -> str:
+    """The profile queue a queue belongs to (``gpu.40960MiB`` belongs to ``gpu``)."""
+    return queue.split(".", 1)[0] if queue.startswith("gpu.") else queue
+
+
+def need_of(vram_mib: int | None, compute_capability: tuple[int, int] | None) -> Requirement:
+    """The requirement a registered need queue stands for."""
+    return Requirement(Profile.GPU_INTENSIVE, vram_mib=vram_mib, min_compute_capability=compute_capability, gpus=1)
+
+
+def fits(gpu: GpuInfo, requirement: Requirement, margin_mib: int) -> bool:
+    """Whether *gpu* could ever run the task (capacity and compute capability)."""
+    if requirement.min_compute_capability and gpu.compute_capability < requirement.min_compute_capability:
+        return False
+    return requirement.vram_mib is None or requirement.vram_mib <= gpu.memory_total_mib - margin_mib

@@ -1,0 +1,74 @@
+"""This machine's inventory: CPU cores and threads, memory, and GPUs.
+
+Detection (psutil, a ``GpuProvider``) fills whatever the config leaves out; what the
+config states wins, so an operator can hand taskmesh less than the whole machine.
+For GPUs the config can only narrow what exists: ``count`` keeps the first N,
+``memory_gb`` caps what the ledger may hand out per GPU (headroom for others).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import psutil
+
+from taskmesh.core.config import Config
+from taskmesh.core.gpus import GpuInfo, GpuProvider
+from taskmesh.hardware.providers import provider_from_env
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    cpu_cores: int
+    cpu_threads: int
+    memory_total_mib: int
+    gpus: tuple[GpuInfo, ...]
+    gpu_source: str
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"CPU: {self.cpu_cores} cores, {self.cpu_threads} threads",
+            f"memory: {self.memory_total_mib // 1024} GiB",
+            f"GPUs ({self.gpu_source}): {len(self.gpus) or 'none'}",
+        ]
+        return lines + [f"  {gpu.describe()}" for gpu in self.gpus]
+
+
+def detect(config: Config, provider: GpuProvider | None = None) -> Inventory:
+    """Combine detection with the config; the config's explicit values win."""
+    provider = provider or provider_from_env(config.simulate_gpus)
+    gpus = provider.snapshot()
+    if config.gpu_count is not None:
+        gpus = gpus[: config.gpu_count]
+    if config.gpu_memory_mib is not None:
+        gpus = tuple(
+            dataclasses.replace(g, memory_total_mib=min(g.memory_total_mib, config.gpu_memory_mib))
+            for g in gpus
+        )
+    if config.gpu_model and gpus and any(config.gpu_model not in g.name for g in gpus if not g.simulated):
+        log.warning("config says GPU model %r; detected %s", config.gpu_model, [g.name for g in gpus])
+    source = getattr(provider, "unavailable_reason", None) or type(provider).__name__
+    threads = config.cpu_threads or psutil.cpu_count(logical=True) or 1
+    cores = config.cpu_cores or psutil.cpu_count(logical=False) or threads
+    memory = config.memory_total_mib or psutil.virtual_memory().total // 2**20
+    return Inventory(
+        cpu_cores=cores,
+        cpu_threads=max(threads, cores) if config.cpu_threads is None else threads,
+        memory_total_mib=memory,
+        gpus=gpus,
+        gpu_source=source,
+    )
+
+
+def visible_gpu_uuids(provider: GpuProvider) -> tuple[str, ...] | None:
+    """The GPUs ``CUDA_VISIBLE_DEVICES`` names, as UUIDs (``None``: it is not set)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    entries = [e.strip() for e in value.split(",") if e.strip()]
+    gpus = provider.snapshot()
+    return tuple(gpus[int(e)].uuid if e.isdigit() and int(e) < len(gpus) else e for e in entries)

@@ -1,0 +1,185 @@
+"""``taskmesh up``: the whole local stack on this machine, in the foreground.
+
+Redis (unless a broker is given), the worker groups this hardware supports, beat
+and Flower, under one supervisor. Redis listens on loopback only and Flower is
+started with generated basic-auth credentials: a local stack should not be an open
+door on a shared machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from taskmesh.app.celery_app import BROKER_ENV
+from taskmesh.run.supervisor import ProcessSpec, Supervisor
+from taskmesh.run.workers import WorkerSpec
+
+
+class StackError(RuntimeError):
+    """The stack cannot start as asked; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StackOptions:
+    app_path: str
+    broker: str | None = None
+    redis_port: int = 6379
+    flower: bool = True
+    flower_port: int = 5555
+    flower_auth: str | None = None
+    exporter_port: int = 9808
+    beat: bool = True
+    logdir: Path | None = None
+    loglevel: str = "INFO"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def redis_command(port: int) -> list[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        raise StackError(
+            "redis-server is not installed; install it (Debian/Ubuntu: sudo apt-get install redis-server) "
+            "or pass --broker redis://HOST:PORT/0 to use a running one"
+        )
+    if port_in_use(port):
+        raise StackError(
+            f"port {port} on 127.0.0.1 is in use; pass --redis-port with a free port, "
+            f"or --broker redis://127.0.0.1:{port}/0 if that is a Redis you want to use"
+        )
+    return [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+
+def flower_credentials(auth: str | None) -> str:
+    """``user:password`` for Flower's basic auth: the one given, checked, or a generated one.
+
+    Checked before anything starts: Flower takes a value without a password and then
+    lets nobody in (or, with ``user:``, anybody who knows the user), and it reads a
+    comma as a list of logins.
+    """
+    if auth is None:
+        return f"taskmesh:{secrets.token_urlsafe(12)}"
+    user, colon, password = auth.partition(":")
+    problem = (
+        "it has no ':'" if not colon
+        else "the user is empty" if not user
+        else "the password is empty" if not password
+        else "it contains ',' (Flower reads that as several logins)" if "," in auth
+        else None
+    )
+    if problem:
+        raise StackError(f"--flower-auth must be user:password, e.g. --flower-auth ops:s3cret; {problem}")
+    return auth
+
+
+def wait_for_redis(url: str, timeout: float = 15.0) -> None:
+    import redis
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_timeout=1).ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise StackError(f"Redis at {url} did not answer within {timeout:.0f}s") from None
+            time.sleep(0.1)
+
+
+class Stack:
+    """Owns the supervisor and knows what was started, for ``up`` and the demo."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.flower_auth = flower_credentials(options.flower_auth) if options.flower else ""
+        if options.flower and port_in_use(options.flower_port):
+            raise StackError(f"port {options.flower_port} on 127.0.0.1 is in use; pass --flower-port")
+        self.logdir = options.logdir or Path(tempfile.mkdtemp(prefix="taskmesh-up-"))
+        self.supervisor = Supervisor(logdir=self.logdir)
+        self.broker_url = options.broker or os.environ.get(BROKER_ENV)
+        self.owns_redis = self.broker_url is None
+        if self.owns_redis:
+            self.broker_url = f"redis://127.0.0.1:{options.redis_port}/0"
+        self.env = {**os.environ, BROKER_ENV: self.broker_url}
+        self.nodenames: list[str] = []
+
+    def start_broker(self) -> None:
+        os.environ[BROKER_ENV] = self.broker_url
+        if self.owns_redis:
+            argv = redis_command(self.options.redis_port)
+            self.supervisor.add(ProcessSpec("redis", argv, stop_last=True))
+        wait_for_redis(self.broker_url)
+
+    def start_services(self, workers: list[WorkerSpec]) -> None:
+        options = self.options
+        celery = [sys.executable, "-m", "celery", "-A", options.app_path]
+        for spec in workers:
+            argv = spec.argv(options.app_path, options.loglevel)
+            self.supervisor.add(ProcessSpec(spec.group, argv, spec.environ(self.env)))
+            self.nodenames.append(spec.nodename)
+        if options.beat:
+            schedule = self.logdir / "celerybeat-schedule"
+            argv = celery + ["beat", "-s", str(schedule), "--loglevel", options.loglevel]
+            self.supervisor.add(ProcessSpec("beat", argv, self.env))
+        if options.flower:
+            argv = celery + [
+                "flower",
+                "--address=127.0.0.1",
+                f"--port={options.flower_port}",
+                f"--basic-auth={self.flower_auth}",
+            ]
+            self.supervisor.add(ProcessSpec("flower", argv, self.env))
+        if port_in_use(options.exporter_port):
+            raise StackError(f"port {options.exporter_port} on 127.0.0.1 is in use; pass --exporter-port")
+        argv = [sys.executable, "-m", "taskmesh", "-A", options.app_path, "exporter", f"--port={options.exporter_port}"]
+        self.supervisor.add(ProcessSpec("exporter", argv, self.env))
+
+    def wait_until_ready(self, app: Any, timeout: float = 90.0) -> None:
+        """Return once every worker answers ping; a supervisor signal aborts the wait."""
+        deadline = time.monotonic() + timeout
+        waiting = set(self.nodenames)
+        while waiting:
+            self.supervisor.poll()
+            if self.supervisor.stopping:
+                raise StackError("stopped before the workers were ready")
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"workers {sorted(waiting)} did not answer ping within {timeout:.0f}s; see logs in {self.logdir}"
+                )
+            replies = app.control.ping(destination=sorted(waiting), timeout=1.0) or []
+            for reply in replies:
+                waiting -= set(reply)
+
+    def describe(self) -> str:
+        lines = [f"broker: {self.broker_url}" + (" (started here)" if self.owns_redis else "")]
+        lines += [f"worker: {name}" for name in self.nodenames]
+        if self.options.flower:
+            lines.append(f"flower: http://127.0.0.1:{self.options.flower_port}/  login {self.flower_auth}")
+        lines.append(f"metrics: http://127.0.0.1:{self.options.exporter_port}/metrics")
+        lines.append(f"logs: {self.logdir}")
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        self.supervisor.stop()

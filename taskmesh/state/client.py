@@ -1,0 +1,43 @@
+"""Redis clients for taskmesh's own state, made from an app's broker settings.
+
+taskmesh keeps its ledger, registry and counters in the broker's Redis, so a client
+is always derived from the app's ``broker_write_url``/``broker_url``: one place that
+knows the accepted URL schemes and what a failover list means.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import redis
+from kombu.utils.url import maybe_sanitize_url
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def broker_redis_url(app: Any) -> str:
+    """The Redis URL of *app*'s broker, or ``""`` when it is not Redis."""
+    conf = app.conf
+    url = conf.broker_write_url or conf.broker_url
+    if isinstance(url, list | tuple):  # a failover list: the first is the one in use
+        url = url[0] if url else None
+    url = str(url or "").split(";")[0].strip()
+    return url if url.startswith(REDIS_SCHEMES) else ""
+
+
+def broker_client(app: Any) -> redis.Redis:
+    """A new client on *app*'s Redis broker; raises ``ValueError`` naming the fix otherwise."""
+    url = broker_redis_url(app)
+    if not url:
+        given = maybe_sanitize_url(str(app.conf.broker_url or "")) or "none"
+        raise ValueError(
+            f"taskmesh needs a Redis broker (redis://, rediss://, unix://); app {app.main!r} has "
+            f"{given!r}: set broker_url"
+        )
+    return redis.Redis.from_url(url)
+
+
+def lua(name: str) -> str:
+    """The text of ``lua/<name>.lua``, shipped as package data."""
+    return resources.files("taskmesh.state").joinpath("lua", f"{name}.lua").read_text()

@@ -1,0 +1,55 @@
+"""Every Redis key taskmesh uses, and kombu's own key layout, named in one place.
+
+taskmesh shares the broker's Redis with Celery: its keys all start ``taskmesh:``.
+kombu's Redis transport keeps one list per priority step (``queue``, then
+``queue<sep><step>``), the messages delivered and not yet acknowledged in an
+``unacked`` hash, and prefixes every key with ``global_keyprefix``; ``layout`` reads
+those from an app's transport options, so nothing else hard-codes them. A leaf
+module: any layer may import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# --- taskmesh's own keys ---------------------------------------------------------------
+LEDGER_PREFIX = "taskmesh:ledger:"  # + pool: hash id → amount; + pool + ":expiry": zset id → expiry
+WORKERS = "taskmesh:workers"  # worker key → WorkerRecord JSON
+STATES = "taskmesh:worker-state"  # node → the admission controller's state (what stats shows)
+COUNTERS = "taskmesh:counters"  # fleet-wide totals: admitted, pauses, queue_full, infeasible, ...
+RUNTIMES = "taskmesh:runtimes"  # "q:<queue>:sum" / "q:<queue>:count", "t:<task>:...": observed run times
+INFLIGHT = "taskmesh:inflight:"  # + worker key: the delivery tags it holds
+NEED_QUEUES = "taskmesh:need-queues"  # queue name → the requirement its GPUs must meet
+JANITOR = "taskmesh:janitor"  # lock: one process at a time gives back dead workers' messages
+PROGRESS = "taskmesh:progress"  # task id → {done, total, started, updated, task, worker}
+REBALANCE_LOCK = "taskmesh:rebalance:lock"
+REBALANCE_RUNS = "taskmesh:rebalance:runs"  # the latest runs, newest first
+REBALANCE_RESIZED = "taskmesh:rebalance:resized"  # node → when its pool was last resized
+ALERTS = "taskmesh:alerts"  # alert key → JSON
+
+
+def simulation_key(host: str) -> str:
+    """The hash that drives a host's simulated GPUs (``SimulationControl``)."""
+    return f"taskmesh:simulated:{host}"
+
+
+# --- kombu's Redis transport -----------------------------------------------------------
+PRIORITY_STEPS = (0, 3, 6, 9)  # kombu.transport.redis.PRIORITY_STEPS
+SEP = "\x06\x16"  # kombu.transport.redis.Channel.sep
+UNACKED = "unacked"  # kombu.transport.redis.Channel.unacked_key
+
+
+def priority_key(queue: str, step: int, sep: str = SEP, keyprefix: str = "") -> str:
+    """``Channel._q_for_pri``: step 0 is the bare queue name, others are suffixed."""
+    return f"{keyprefix}{queue}{sep}{step}" if step else f"{keyprefix}{queue}"
+
+
+def layout(app: Any) -> dict[str, Any]:
+    """kombu's Redis key layout for *app*'s transport options: ``queue_depths``'s keywords."""
+    options = app.conf.broker_transport_options or {}
+    return {
+        "priority_steps": options.get("priority_steps", PRIORITY_STEPS),
+        "sep": options.get("sep", SEP),
+        "keyprefix": options.get("global_keyprefix", ""),
+        "unacked_key": options.get("unacked_key", UNACKED),
+    }

@@ -1,0 +1,59 @@
+"""Remote-control commands that taskmesh adds to Celery's (``celery inspect``/``control``):
+``taskmesh_assist`` and ``taskmesh_resize``, which the rebalancer broadcasts.
+
+They go through the admission controller rather than bare ``add_consumer``/
+``pool_grow``, so that a queue added while intake is paused stays paused and a resize
+is timestamped for the thread-budget audit. Registered when this module is imported
+(the bootstep does).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery.worker.control import control_command
+
+from taskmesh.worker.controller import AdmissionController
+
+
+def resize(controller: AdmissionController, delta: int) -> int:
+    """Grow or shrink the pool by *delta* (remote control thread); returns the new size."""
+    consumer = controller.consumer
+    pool = consumer.pool
+    if delta > 0:
+        pool.grow(delta)
+    elif delta < 0:
+        pool.shrink(-delta)
+    consumer._update_prefetch_count(delta)
+    size = pool.num_processes
+    controller.pool_history.append((time.time(), size))
+    del controller.pool_history[:-20]
+    controller.changed.set()
+    return size
+
+
+@control_command(args=[("queue", str)], signature="[QUEUE]")
+def taskmesh_assist(state: Any, queue: str | None = None, **_: Any) -> dict[str, str]:
+    """Serve *queue* besides the worker's own queues (none: stop assisting)."""
+    controller = getattr(state.consumer, "taskmesh_admission", None)
+    if controller is None:
+        return {"error": "this worker has no taskmesh admission step"}
+    state.consumer.call_soon(controller.intake.set_assist, queue or None)
+    return {"ok": f"assisting {queue or 'nothing'}"}
+
+
+@control_command(args=[("n", int)], signature="N")
+def taskmesh_resize(state: Any, n: int = 0, **_: Any) -> dict[str, str]:
+    """Grow (n > 0) or shrink (n < 0) the pool, as ``pool_grow``/``pool_shrink`` do,
+    and record the change with its time so the thread budget can be audited."""
+    controller = getattr(state.consumer, "taskmesh_admission", None)
+    if controller is None:
+        return {"error": "this worker has no taskmesh admission step"}
+    if state.consumer.controller.autoscaler:
+        return {"error": "the pool is autoscaled; adjust --autoscale instead"}
+    try:
+        size = resize(controller, int(n))
+    except ValueError as exc:  # billiard: cannot shrink busy processes
+        return {"error": str(exc)}
+    return {"ok": f"pool size {size}"}

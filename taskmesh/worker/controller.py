@@ -1,0 +1,277 @@
+"""The admission controller: one per worker, between Celery's consumer and the ``Gate``.
+
+It owns the worker-side state of admission: the messages held because they do not
+fit yet (in arrival order, by ``core.held_line``), the reservations of admitted
+tasks and what was learned of their run times, and why intake is paused
+(``intake``). ``bootstep`` wires it into Celery; the decisions themselves are the
+``Gate``'s.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from celery.utils.time import maybe_iso8601, maybe_make_aware
+
+from taskmesh.core.activity import GpuActivity
+from taskmesh.core.gate import Admitted, Decision, Gate, Reroute, Wait
+from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
+from taskmesh.core.held_line import start_in_order
+from taskmesh.core.need_queues import fits, need_of
+from taskmesh.core.requirements import Requirement
+from taskmesh.hardware.pressure import host_pressure
+from taskmesh.state.registry import Registry
+from taskmesh.worker.intake import Intake
+from taskmesh.worker.strategy import is_revoked, live_request_ids
+
+log = logging.getLogger(__name__)
+RECONCILE_AFTER_S = 2.0
+
+
+def _expired(expires: Any) -> bool:
+    """Past the message's ``expires`` (ISO 8601, as Celery sends it)."""
+    try:
+        return expires is not None and maybe_make_aware(maybe_iso8601(expires)) < datetime.now(UTC)
+    except (TypeError, ValueError):
+        return False  # Celery's own Request reports a malformed one when it is handed over
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """An admitted task: what it holds, and what is needed to learn its run time."""
+
+    admitted: Admitted
+    since: float  # monotonic, when handed to the pool
+    queue: str | None
+    task: str | None
+
+
+@dataclasses.dataclass
+class Held:
+    message: Any
+    proceed: Callable[[], Any]
+    requirement: Requirement
+    since: float
+
+
+class AdmissionController:
+    def __init__(self, consumer: Any, gate: Gate, registry: Registry, incarnation: str) -> None:
+        self.consumer = consumer
+        self.gate = gate
+        self.registry = registry
+        self.incarnation = incarnation
+        self.node = consumer.hostname
+        self.intake = Intake(consumer)
+        self.lock = threading.Lock()
+        self.held: collections.deque[Held] = collections.deque()
+        self.reservations: dict[str, Running] = {}
+        self.tags: dict[str, str] = {}  # task id → delivery tag of messages this worker holds
+        self.reasons: dict[str, str] = {}  # why intake is paused: kind → detail
+        self.counters = collections.Counter()
+        self.activity = GpuActivity()
+        self.runtimes: collections.Counter[str] = collections.Counter()  # "q:<queue>:sum"/":count", "t:<task>:..."
+        self.subscribed: set[str] = set()
+        self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
+        self.pool_history: list[tuple[float, int]] = []  # (time, size) after each resize
+
+    # --- messages -------------------------------------------------------------------
+
+    def offer(self, message: Any, proceed: Callable[[], Any]) -> None:
+        """A message arrived: run it, hold it, or send it where it can run."""
+        requirement = Requirement.from_header(message.headers.get(REQUIREMENT_HEADER) or {})
+        task_id = message.headers.get("id")
+        with self.lock:
+            self.tags[task_id] = str(message.delivery_tag)
+        self.changed.set()
+        held = Held(message, proceed, requirement, time.monotonic())
+        if self.held or self._blocked():
+            self._hold(held)
+            return
+        if not self._try(held):
+            self._hold(held)
+
+    def _try(self, held: Held) -> bool:
+        """Decide for *held*; ``False`` means it must wait."""
+        message = held.message
+        task_id = message.headers.get("id")
+        if is_revoked(task_id) or _expired(message.headers.get("expires")):
+            held.proceed()  # revoked or expired while held: Celery discards it, with nothing reserved
+            return True
+        if task_id in self.reservations:  # a retry delivered before its last run let go: that release would free it
+            decision: Decision = Wait(f"the previous run of {task_id} still holds its reservation")
+        else:  # by incarnation: a restart under the same name must not adopt its predecessor's reservation
+            decision = self.gate.decide(held.requirement, f"{self.node}#{self.incarnation}/{task_id}")
+        if isinstance(decision, Wait):
+            self.counters["waits"] += 1
+            self.reasons["waiting"] = decision.reason
+            return False
+        if isinstance(decision, Reroute):
+            self._reroute(message, decision.queue, held.requirement)
+            return True
+        message.headers[GPUS_HEADER] = list(decision.gpus)
+        queue = (message.delivery_info or {}).get("routing_key")
+        with self.lock:
+            self.reservations[task_id] = Running(decision, time.monotonic(), queue, message.headers.get("task"))
+            self.activity.started(decision.gpus, task_id, message.headers.get("task"))
+        self.counters["admitted"] += 1
+        held.proceed()
+        return True
+
+    def _hold(self, held: Held) -> None:
+        self.held.append(held)
+        self.counters["held"] += 1
+        if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
+            self._requeue_held("this worker's GPUs are unhealthy")
+        self._update_intake()
+
+    def _reroute(self, message: Any, queue: str, requirement: Requirement) -> None:
+        """Publish the message to the need queue of GPUs that can run it, then ack it here."""
+        self.registry.register_need_queue(queue, requirement.vram_mib, requirement.min_compute_capability)
+        app = self.consumer.app
+        with app.producer_or_acquire() as producer:
+            producer.publish(
+                message.body,
+                exchange=queue,
+                routing_key=queue,
+                declare=[app.amqp.queues[queue]],
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                headers=message.headers,
+                **{k: v for k, v in message.properties.items() if k in ("priority", "correlation_id", "reply_to")},
+            )
+        message.ack()
+        with self.lock:
+            self.tags.pop(message.headers.get("id"), None)
+        self.counters["rerouted"] += 1
+        log.info("task %s can never fit this worker's GPUs; sent to queue %s", message.headers.get("id"), queue)
+
+    def finished(self, task_id: str) -> None:
+        """A request ended (any thread): release its reservation and let the line move."""
+        with self.lock:
+            entry = self.reservations.pop(task_id, None)
+            self.tags.pop(task_id, None)
+            if entry is not None:
+                self.activity.ended(entry.admitted.gpus, task_id)
+        if entry is not None:
+            self.gate.ledger.release(entry.admitted.reservation, entry.admitted.pools)
+            self.counters["released"] += 1
+            self._observe_runtime(entry)
+            if self.held:
+                self.consumer.call_soon(self.retry_held)
+
+    def _observe_runtime(self, entry: Running) -> None:
+        """Learned run times (per queue and per task), for the rebalancer's expected work.
+
+        Measured here, from hand-over to the pool until the request ends, because
+        Celery's own ``time_start`` is wall-clock in prefork and monotonic elsewhere.
+        """
+        seconds = time.monotonic() - entry.since
+        with self.lock:
+            for key in (f"q:{entry.queue}", f"t:{entry.task}"):
+                self.runtimes[f"{key}:sum"] += seconds
+                self.runtimes[f"{key}:count"] += 1
+
+    def retry_held(self) -> None:
+        if not self._blocked():
+            start_in_order(self.held, self._try)
+        if not self.held:
+            self.reasons.pop("waiting", None)
+        self._update_intake()
+
+    def _requeue_before_redelivery(self) -> None:
+        """Hand back held messages at half the visibility timeout.
+
+        Redis delivers an unacknowledged message again once the timeout passes,
+        counting from delivery; a message held that long would then run twice.
+        Requeued, it waits in the queue instead (at the back of the line).
+        """
+        options = self.consumer.app.conf.broker_transport_options or {}
+        limit = float(options.get("visibility_timeout", 3600)) / 2
+        if self.held and time.monotonic() - self.held[0].since > limit:
+            self._requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
+
+    def _requeue_held(self, why: str) -> None:
+        while self.held:
+            held = self.held.popleft()
+            held.message.reject(requeue=True)
+            with self.lock:
+                self.tags.pop(held.message.headers.get("id"), None)
+            self.counters["requeued"] += 1
+            log.warning("requeued task %s: %s", held.message.headers.get("id"), why)
+
+    # --- intake ---------------------------------------------------------------------
+
+    def _blocked(self) -> bool:
+        return any(kind != "waiting" for kind in self.reasons)
+
+    def _update_intake(self) -> None:
+        if self.intake.update(bool(self.held) or self._blocked(), self.reasons):
+            self.counters["pauses"] += 1
+
+    # --- periodic work --------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Every half second on the event loop: health, pressure, the held line, leftovers."""
+        self.check()
+        self._requeue_before_redelivery()
+        self.retry_held()
+        self._reconcile()
+
+    def check(self) -> None:
+        """GPU health on GPU workers, host pressure on CPU workers; pauses or resumes intake."""
+        if self.gate.known:
+            unhealthy = [g for g in self.gate.gpus() if not g.healthy]
+            if unhealthy and len(unhealthy) == len(self.gate.known):
+                if "unhealthy" not in self.reasons:
+                    self.reasons["unhealthy"] = ", ".join(f"GPU {g.index} ({g.uuid})" for g in unhealthy)
+                    self._requeue_held("this worker's GPUs are unhealthy")
+            else:
+                self.reasons.pop("unhealthy", None)
+            self._subscribe_need_queues()
+        elif pressure := host_pressure(self.gate.config, self.gate.cpu_threads):
+            self.reasons["pressure"] = pressure
+        else:
+            self.reasons.pop("pressure", None)
+        self._update_intake()
+
+    def _reconcile(self) -> None:
+        live = live_request_ids()
+        cutoff = time.monotonic() - RECONCILE_AFTER_S
+        with self.lock:
+            stale = [tid for tid, run in self.reservations.items() if run.since < cutoff and tid not in live]
+        for task_id in stale:
+            self.finished(task_id)
+
+    def _subscribe_need_queues(self) -> None:
+        if self.counters["ticks"] % 4 == 0:
+            margin = self.gate.config.safety_margin_mib
+            for name, (vram, cc) in self.registry.need_queues().items():
+                if name not in self.subscribed and any(fits(g, need_of(vram, cc), margin)
+                                                       for g in self.gate.known.values()):
+                    self.subscribed.add(name)
+                    self.intake.add(name)
+                    log.info("consuming %s: this worker's GPUs can run what it holds", name)
+        self.counters["ticks"] += 1
+
+    def held_tags(self) -> list[str]:
+        with self.lock:
+            return list(self.tags.values())
+
+    def held_reservations(self) -> list[str]:
+        with self.lock:
+            return [run.admitted.reservation for run in self.reservations.values()]
+
+    def release_all(self) -> None:
+        """At shutdown: give every reservation back now rather than at its expiry."""
+        with self.lock:
+            entries = list(self.reservations.values())
+            self.reservations.clear()
+        for run in entries:
+            self.gate.ledger.release(run.admitted.reservation, run.admitted.pools)

@@ -1,0 +1,69 @@
+"""Pausing and resuming a worker's intake, with Celery's documented consumer methods.
+
+While the head of the held line waits for memory (or the GPUs are unhealthy, or the
+host is under pressure), the worker stops consuming every queue
+(``cancel_task_queue``) and starts again when nothing holds it back
+(``add_task_queue``); nothing is requeued in a loop and nothing runs twice. Queues
+added meanwhile — the rebalancer's assist queue, a need queue this worker's GPUs can
+serve — join the paused set, so a pause is never undone by the side door.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.paused_queues: list[str] = []
+        self.assist: str | None = None  # the extra queue the rebalancer asked this worker to serve
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.paused_queues)
+
+    def consumed(self) -> tuple[str, ...]:
+        """Every queue this worker takes from when not paused."""
+        consumer = self.consumer.task_consumer
+        queues = tuple(q.name for q in consumer.queues) if consumer else ()
+        return tuple(sorted(set(queues) | set(self.paused_queues)))
+
+    def update(self, should_pause: bool, why: Any) -> bool:
+        """Pause or resume as *should_pause* says; ``True`` when this call paused."""
+        if should_pause and not self.paused_queues:
+            self.paused_queues = [q.name for q in self.consumer.task_consumer.queues]
+            for queue in self.paused_queues:
+                self.consumer.cancel_task_queue(queue)
+            log.info("paused intake of %s: %s", self.paused_queues, why)
+            return True
+        if not should_pause and self.paused_queues:
+            queues, self.paused_queues = self.paused_queues, []
+            for queue in queues:
+                self.consumer.add_task_queue(queue)
+            log.info("resumed intake of %s", queues)
+        return False
+
+    def add(self, queue: str) -> None:
+        """Consume *queue* too, honouring a pause."""
+        if self.paused_queues:
+            self.paused_queues.append(queue)
+        else:
+            self.consumer.add_task_queue(queue)
+
+    def set_assist(self, queue: str | None) -> None:
+        """Serve *queue* besides this worker's own (``None``: only its own), honouring a pause."""
+        old, self.assist = self.assist, queue
+        if old == queue:
+            return
+        if self.paused_queues:
+            self.paused_queues = [q for q in self.paused_queues if q != old] + ([queue] if queue else [])
+            return
+        if old:
+            self.consumer.cancel_task_queue(old)
+        if queue:
+            self.consumer.add_task_queue(queue)
+        log.info("rebalancer: now also serving %s (was %s)", queue, old)

@@ -1,0 +1,104 @@
+"""What operators see of one worker: its registry record, its full admission state
+(``inspect stats``, the registry, ``status``), and ``worker-taskmesh`` events.
+
+State goes to ``celery inspect stats`` (the bootstep's ``info``: the full state under
+``taskmesh`` and a plain line per GPU under ``taskmesh_gpus``, which Flower's worker
+page shows in its "Other" tab) and to ``worker-taskmesh`` events, which Celery sends
+without ``-E`` because of the ``worker-`` prefix. Events go when the summary changes,
+or every ``EVENT_EVERY_S``: not per task, which would be too chatty.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from taskmesh.core.records import GpuRecord, WorkerRecord
+from taskmesh.worker.controller import AdmissionController
+
+EVENT_EVERY_S = 5.0
+
+
+class Reporter:
+    def __init__(self, controller: AdmissionController) -> None:
+        self.controller = controller
+        self.announced_pool_size: int | None = None
+        self._last_event = 0.0
+        self._last_state: Any = None
+
+    def record(self) -> WorkerRecord:
+        c = self.controller
+        gpus = tuple(
+            GpuRecord(g.uuid, g.index, g.name, g.memory_total_mib, g.compute_capability, g.healthy)
+            for g in c.gate.known.values()
+        )
+        return WorkerRecord(
+            node=c.node,
+            incarnation=c.incarnation,
+            host=socket.gethostname(),
+            queues=c.intake.consumed(),
+            gpus=gpus,
+            cpu_threads=c.gate.cpu_threads,
+            memory_total_mib=c.gate.memory_total_mib,
+        )
+
+    def state(self) -> dict[str, Any]:
+        c = self.controller
+        gate = c.gate
+        used = gate.ledger.used(gate.pools())
+        with c.lock:
+            activity = {uuid: c.activity.of(uuid) for uuid in gate.known}
+        gpus = [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "memory_total_mib": g.memory_total_mib,
+                "memory_reserved_mib": used.get(f"gpu:{g.uuid}", 0),
+                "memory_free_observed_mib": g.memory_free_mib,
+                "healthy": g.healthy,
+                "utilization_percent": g.utilization_percent,
+                "temperature_c": g.temperature_c,
+                "power_w": g.power_w,
+                **activity[g.uuid],
+            }
+            for g in gate.known.values()
+        ]
+        pool = c.consumer.pool
+        return {
+            "node": c.node,
+            "queues": list(c.intake.consumed()),
+            "assist": c.intake.assist,
+            "pool": {"implementation": type(pool).__module__.rsplit(".", 1)[-1],
+                     "size": pool.num_processes, "history": list(c.pool_history)},
+            "threads_per_task": int(os.environ.get("OMP_NUM_THREADS") or 1),
+            "gpus": gpus,
+            "host": {
+                "cpu_threads": gate.cpu_threads,
+                "cpu_threads_reserved": used.get(f"host:{gate.host}:threads", 0),
+                "memory_total_mib": gate.memory_total_mib,
+                "memory_reserved_mib": used.get(f"host:{gate.host}:memory", 0),
+            },
+            "paused": c.intake.paused,
+            "reasons": dict(c.reasons),
+            "held": len(c.held),
+            "running": len(c.reservations),
+            "counters": dict(c.counters),
+        }
+
+    def tick(self) -> None:
+        """On the event loop, after the controller's tick: a resized pool is announced now, then events."""
+        c = self.controller
+        if c.consumer.pool.num_processes != self.announced_pool_size:
+            c.changed.set()
+        dispatcher = getattr(c.consumer, "event_dispatcher", None)
+        if dispatcher is None:
+            return
+        summary = (c.intake.paused, len(c.held), tuple(c.reasons))
+        now = time.monotonic()
+        if summary == self._last_state and now - self._last_event < EVENT_EVERY_S:
+            return
+        self._last_state, self._last_event = summary, now
+        dispatcher.send("worker-taskmesh", taskmesh=self.state())
