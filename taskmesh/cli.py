@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shlex
 import sys
 from pathlib import Path
@@ -20,9 +21,11 @@ from taskmesh.app.loading import app_path, load_app
 from taskmesh.core.config import Config, load_config
 from taskmesh.core.errors import TaskmeshError
 from taskmesh.core.nodes import group_of
-from taskmesh.hardware.inventory import Inventory, detect
+from taskmesh.core.submit import runs_here
+from taskmesh.hardware.inventory import Inventory, detect, local_record
 from taskmesh.run.stack import Stack, StackError, StackOptions, free_port
 from taskmesh.run.workers import GROUP_PROFILES, PlanError, plan_workers
+from taskmesh.state.registry import Registry
 
 DEMO_APP = "taskmesh.run.demo"
 DEMO_GPUS = "1x24GiB,cc=8.9"
@@ -159,18 +162,37 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
             click.echo(format_summary(summary))
             if as_json:
                 click.echo(json.dumps(summary))
+            ended = f"demo finished: {summary['total']['succeeded']} succeeded, {summary['total']['failed']} failed; "
+            _keep_flower_up(stack, flower)
         else:
             click.echo("taskmesh: up; Ctrl-C stops everything", err=True)
             groups = {group_of(name) for name in stack.nodenames}
             supervise(stack.supervisor, app, path, options.loglevel, gpu_pool, groups, stack.env)
+            ended = ""
     finally:
         stack.stop()
+    click.echo(f"taskmesh: {ended}stack stopped; its logs are kept in {stack.logdir}", err=True)
+
+
+def _keep_flower_up(stack: Stack, flower: bool) -> None:
+    """On a terminal, leave Flower up to look at the demo's tasks until Enter or Ctrl-C."""
+    if not flower:
+        return
+    if not sys.stdin.isatty():
+        click.echo("taskmesh: stdin is not a terminal, so Flower is not kept up; stopping", err=True)
+        return
+    click.echo("taskmesh: Flower stays up at the address above; press Enter (or Ctrl-C) to stop", err=True)
+    while not stack.supervisor.stopping:
+        if select.select([sys.stdin], [], [], 0.5)[0]:
+            sys.stdin.readline()
+            return
 
 
 @click.command()
 @click.pass_context
 def doctor(ctx: click.Context) -> None:
-    """Print the hardware inventory, the resolved config and the worker plan."""
+    """Print the hardware inventory, the resolved config, each task checked against this
+    machine, and the worker plan."""
     path = app_path(ctx)
     app = load_app(path) if path else None
     config, inventory = config_and_inventory(app)
@@ -179,13 +201,20 @@ def doctor(ctx: click.Context) -> None:
         click.echo(line)
     click.echo(f"default profile: {config.default_profile.queue}; GPU slots per GPU: {config.slots_per_gpu}")
     for name, queue in config.queues.items():
-        click.echo(f"queue {name}: max_depth={queue.max_depth} concurrency={queue.concurrency} pool={queue.pool}")
+        depth = "unlimited" if queue.max_depth is None else queue.max_depth
+        size = "planned" if queue.concurrency is None else queue.concurrency
+        click.echo(f"queue {name}: max_depth {depth}, concurrency {size}, pool {queue.pool or 'default'}")
     if app is None:
+        click.echo("tasks: give the app (taskmesh -A myapp.tasks doctor) to check each task against this machine")
         return
+    here = Registry.summarise([local_record(inventory)])
     for name, task in sorted(app.tasks.items()):
         requirement = getattr(task, "requirement", None)
-        if requirement is not None and not name.startswith("celery."):
-            click.echo(f"task {name} → {requirement.profile.queue} {requirement.to_header()}")
+        if requirement is None or name.startswith("celery."):
+            continue
+        problem = runs_here(requirement, here, config.admission.safety_margin_mib)
+        verdict = f"cannot run on this machine: {problem}" if problem else "fits this machine"
+        click.echo(f"task {name} → {requirement.profile.queue} {requirement.to_header()}: {verdict}")
     for spec in plan_workers(config, inventory, "all", app.tasks.values()):
         click.echo(f"worker {spec.nodename}: {spec.queue} {spec.pool} x{spec.concurrency}")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import pty
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import requests
 
@@ -20,11 +23,18 @@ def kill_leftovers(marker: str) -> None:
 
 def test_up_demo_runs_the_mixed_workload_and_leaves_no_process(processes):
     marker = uuid.uuid4().hex
-    proc = processes.taskmesh("up", "--demo", env={"TASKMESH_TEST_MARKER": marker},
+    proc = processes.taskmesh("up", "--demo", env={"TASKMESH_TEST_MARKER": marker}, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
+        assert "Flower is not kept up" in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("taskmesh: demo finished: ") and " succeeded, 0 failed; stack stopped; its logs are " \
+            "kept in " in last, last
+        assert Path(last.rsplit(" ", 1)[-1]).is_dir()
+        total = next(line for line in out.splitlines() if line.startswith("total"))
+        assert total.endswith(" succeeded, 0 failed") and int(total.split()[1]) == int(total.split()[3]), total
         for queue in ("gpu", "cpu_intensive", "cpu_light", "mixed"):
             assert any(line.split()[:2] and line.split()[0] == queue for line in out.splitlines()), out
         assert "gevent / io@" in out and "prefork / gpu0@" in out
@@ -88,3 +98,29 @@ def test_up_says_what_to_do_when_redis_is_missing(tmp_path):
                          env={"PATH": str(tmp_path)}, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "redis-server is not installed" in out.stderr and "--broker" in out.stderr
+
+
+def test_up_demo_on_a_terminal_keeps_flower_up_until_enter(processes):
+    marker = uuid.uuid4().hex
+    leader, follower = pty.openpty()
+    proc = processes.taskmesh("up", "--demo", env={"TASKMESH_TEST_MARKER": marker}, stdin=follower,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    os.close(follower)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not any("press Enter" in line for line in lines):
+            lines.append(proc.stdout.readline())
+        assert any("press Enter" in line for line in lines), "".join(lines)
+        url, login = next(line for line in lines if line.startswith("flower:")).split()[1::2]
+        user, password = login.split(":", 1)
+        assert requests.get(url + "api/workers", auth=(user, password), timeout=10).status_code == 200
+        time.sleep(2)
+        assert proc.poll() is None  # still up, waiting for Enter
+        os.write(leader, b"\n")
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stack stopped" in rest.strip().splitlines()[-1]
+        assert marked(marker) == []
+    finally:
+        os.close(leader)
+        kill_leftovers(marker)

@@ -30,3 +30,7 @@ class QueueFull(TaskmeshError):
 
 class InfeasibleRequirement(TaskmeshError):
     """No hardware known to the registry can ever run the task; nothing was sent."""
+
+
+class AppLoadError(TaskmeshError):
+    """The app named by ``-A`` could not be imported; says why, where, and the fix."""

@@ -1,4 +1,5 @@
-"""The feasibility check made at submit: what no hardware seen recently can ever give."""
+"""Feasibility: what no hardware seen recently can ever give (checked at submit), and what
+this one machine cannot (``taskmesh doctor``)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,14 @@ def infeasible(requirement: Requirement, capacity: Capacity, margin_mib: int) ->
             f"{format_mib(capacity.memory_total_mib)}"
         )
     return None
+
+
+def runs_here(requirement: Requirement, machine: Capacity, margin_mib: int) -> str | None:
+    """Why one machine (its ``Capacity``) can never run the task, or ``None``.
+
+    Unlike ``infeasible``, a machine with no GPU is a reason here: doctor asks about
+    this machine, not the fleet.
+    """
+    if requirement.profile is Profile.GPU_INTENSIVE and not machine.gpus:
+        return "it needs a GPU and none is visible here; run it where a GPU worker is"
+    return infeasible(requirement, machine, margin_mib)

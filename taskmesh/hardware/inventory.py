@@ -16,6 +16,7 @@ import psutil
 
 from taskmesh.core.config import Config
 from taskmesh.core.gpus import GpuInfo, GpuProvider
+from taskmesh.core.records import GpuRecord, WorkerRecord
 from taskmesh.hardware.providers import provider_from_env
 
 log = logging.getLogger(__name__)
@@ -72,3 +73,11 @@ def visible_gpu_uuids(provider: GpuProvider) -> tuple[str, ...] | None:
     entries = [e.strip() for e in value.split(",") if e.strip()]
     gpus = provider.snapshot()
     return tuple(gpus[int(e)].uuid if e.isdigit() and int(e) < len(gpus) else e for e in entries)
+
+
+def local_record(inventory: Inventory) -> WorkerRecord:
+    """This machine as a worker record, for checks that compare a task with what is here."""
+    gpus = tuple(GpuRecord(g.uuid, g.index, g.name, g.memory_total_mib, g.compute_capability, g.healthy)
+                 for g in inventory.gpus)
+    return WorkerRecord(node="doctor", incarnation="", host="", queues=(), gpus=gpus,
+                        cpu_threads=inventory.cpu_threads, memory_total_mib=inventory.memory_total_mib)

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from taskmesh.app.progress import eta_s
-from taskmesh.core.nodes import group_of
+from taskmesh.core.nodes import group_of, kind_of
 from taskmesh.core.records import WorkerRecord
 from taskmesh.state.keys import ALERTS, COUNTERS, NEED_QUEUES, PROGRESS, STATES, WORKERS
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
@@ -134,7 +134,10 @@ def _groups(workers: list[dict[str, Any]], hints: dict[str, Any]) -> list[dict[s
         group["running"] += worker["running"]
         group["held"] += worker["held"]
         group["queues"] = sorted(set(group["queues"]) | set(worker["queues"]))
-    for name in hints:
+    kinds = {kind_of(name) for name in groups}
+    for name in hints:  # a hint is per kind (gpu, cpu, ...): show a group only for a kind with none live
+        if name in kinds:
+            continue
         groups.setdefault(name, {
             "group": name, "workers": 0, "alive": 0, "paused": 0, "running": 0, "held": 0, "queues": [],
         })

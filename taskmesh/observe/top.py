@@ -33,6 +33,7 @@ from rich.text import Text
 from taskmesh.core.sizes import format_mib
 from taskmesh.observe.status import collect_status
 
+PIPED_WIDTH = 200
 STATE_STYLES = {"idle": "cyan", "busy": "green", "paused": "yellow", "unhealthy": "bold red"}
 
 
@@ -208,7 +209,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
-        Console().print(render(data))
+        # Piped, rich would cut every line at 80 columns; a file or a pager wants whole lines.
+        Console(width=None if sys.stdout.isatty() else PIPED_WIDTH).print(render(data))
 
 
 @click.command()

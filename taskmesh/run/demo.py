@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -72,8 +73,13 @@ def run_workload(workload: dict[Any, tuple[int, float]] | None = None, timeout: 
         for _ in range(count)
     ]
     per_queue: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    failed = 0
     for queue, result in pending:
-        per_queue[queue].append(result.get(timeout=timeout))
+        try:
+            per_queue[queue].append(result.get(timeout=timeout))
+        except Exception as exc:  # a failed task is counted and named, not a crashed demo
+            failed += 1
+            print(f"taskmesh: demo task {result.id} on {queue} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     summary = {}
     for queue, results in per_queue.items():
         wall = max(r["finished"] for r in results) - submitted
@@ -86,6 +92,8 @@ def run_workload(workload: dict[Any, tuple[int, float]] | None = None, timeout: 
         }
     summary["total"] = {
         "tasks": len(pending),
+        "succeeded": len(pending) - failed,
+        "failed": failed,
         "wall_s": round(time.time() - submitted, 2),
     }
     return summary
@@ -101,5 +109,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{','.join(row['pools'])} / {','.join(row['nodes'])}"
         )
     total = summary["total"]
-    lines.append(f"{'total':<14}{total['tasks']:>6}{total['wall_s']:>9.2f}")
+    lines.append(f"{'total':<14}{total['tasks']:>6}{total['wall_s']:>9.2f}  "
+                 f"{total['succeeded']} succeeded, {total['failed']} failed")
     return "\n".join(lines)
