@@ -49,6 +49,8 @@ KNOWN_COUNTERS = {
     "rerouted": "Tasks a worker sent on to a queue of GPUs that can run them",
     "released": "Reservations released when a task ended",
     "requeued": "Held messages given back to the queue (for example on an unhealthy GPU)",
+    "duplicates_skipped": "Second deliveries of a once=True run that had finished, acknowledged and not run",
+    "duplicates_parked": "Second deliveries of a once=True run still running elsewhere, kept until it ended",
     "queue_full": "Submissions refused with QueueFull (backpressure)",
     "infeasible": "Submissions no known hardware can ever run",
     "fallbacks": "Submissions sent to their fallback profile's queue",

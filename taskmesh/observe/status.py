@@ -28,7 +28,7 @@ from taskmesh.state.registry import Registry
 
 RECENT_RUNS = 5
 COUNTER_NAMES = (
-    "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued",
+    "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued", "duplicates_skipped",
     "queue_full", "infeasible", "fallbacks", "rebalance_actions", "alerts_raised",
 )
 

@@ -23,10 +23,12 @@ from taskmesh.hardware.inventory import detect, visible_gpu_uuids
 from taskmesh.hardware.providers import provider_from_env
 from taskmesh.state.client import broker_client, broker_redis_url
 from taskmesh.state.ledger import Ledger
+from taskmesh.state.once import OnceClaims
 from taskmesh.state.registry import Registry
 from taskmesh.worker import control, strategy
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.heartbeat import Heartbeat
+from taskmesh.worker.once import OnceGuard, keep_done_s
 from taskmesh.worker.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class AdmissionStep(bootsteps.StartStopStep):
         self.controller: AdmissionController | None = None
         self.reporter: Reporter | None = None
         self.heartbeat: Heartbeat | None = None
+        self.once: OnceGuard | None = None
         self.timer_entry: Any = None
         c.taskmesh_admission = None
 
@@ -75,15 +78,25 @@ class AdmissionStep(bootsteps.StartStopStep):
             if self.controller is None:
                 return
             strategy.current = self.controller
+            self.once = self._once_guard(c.app, self.controller)
+            strategy.once_guard = self.once
             self.reporter = Reporter(self.controller)
             self.heartbeat = Heartbeat(c.app, self.controller, self.reporter)
+            self.heartbeat.refreshers.append(self.once.refresh)
             self.heartbeat.start()
         c.taskmesh_admission = self.controller
         self.controller.check()  # a sick GPU or a host under pressure takes nothing, from the start
         self.timer_entry = c.timer.call_repeatedly(TICK_S, self._tick)
 
+    @staticmethod
+    def _once_guard(app: Any, controller: AdmissionController) -> OnceGuard:
+        claims = OnceClaims(controller.registry.client, holder=f"{controller.node}#{controller.incarnation}",
+                            ttl_s=app.taskmesh_config.admission.reservation_ttl_s, keep_done_s=keep_done_s(app))
+        return OnceGuard(controller, claims)
+
     def _tick(self) -> None:
         self.controller.tick()
+        self.once.tick()
         self.reporter.tick()
 
     def stop(self, c: Any) -> None:
@@ -98,7 +111,7 @@ class AdmissionStep(bootsteps.StartStopStep):
         if self.controller is not None:
             self.controller.release_all()
             self.controller.registry.stopped(self.reporter.record())
-            strategy.current = None
+            strategy.current = strategy.once_guard = None
 
     def info(self, c: Any) -> dict[str, Any]:
         """``inspect stats``: the readable GPU line first (Flower's "Other" tab), then the full state."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from taskmesh.worker.controller import AdmissionController
@@ -28,6 +29,7 @@ class Heartbeat:
         self.controller = controller
         self.reporter = reporter
         self.stopping = threading.Event()
+        self.refreshers: list[Callable[[], None]] = []  # other claims this worker keeps alive (run-once)
         self._flushed: collections.Counter[str] = collections.Counter()  # counters already added to fleet totals
         self.thread = threading.Thread(target=self._run, name="taskmesh-heartbeat", daemon=True)
 
@@ -61,4 +63,6 @@ class Heartbeat:
         c.registry.announce(self.reporter.record(), tags, state=state, counters=deltas, runtimes=runtimes)
         self._flushed.update(deltas)
         c.gate.ledger.refresh(reservations, c.gate.pools())
+        for refresh in self.refreshers:
+            refresh()
         reclaim_dead_workers(self.app, c.registry, c.registry.client)

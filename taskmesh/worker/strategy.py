@@ -18,8 +18,9 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
-#: This worker process's controller (a worker process has one consumer); set by the bootstep.
+#: This worker process's controller and run-once guard (a worker process has one consumer); set by the bootstep.
 current: Any = None
+once_guard: Any = None
 
 
 def live_request_ids() -> set[str]:
@@ -36,10 +37,14 @@ class AdmittedRequest(Request):
 
     def acknowledge(self) -> None:
         super().acknowledge()
+        if once_guard is not None:
+            once_guard.ended(self.id, ran=True)
         _finished(self)
 
     def reject(self, requeue: bool = False) -> None:
         super().reject(requeue)
+        if once_guard is not None:
+            once_guard.ended(self.id, ran=not requeue)
         _finished(self)
 
 
@@ -52,11 +57,17 @@ def _finished(request: Request) -> None:
 
 def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     handler = default_strategy(task, app, consumer, **kwargs)
+    once = bool(getattr(task, "once", False))
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
         controller = getattr(consumer, "taskmesh_admission", None)
         if controller is None:
             return handler(message, body, ack, reject, callbacks, **kw)
-        return controller.offer(message, lambda: handler(message, body, ack, reject, callbacks, **kw))
+        def proceed() -> Any:
+            return handler(message, body, ack, reject, callbacks, **kw)
+
+        if once and once_guard is not None:
+            return once_guard.offer(message, proceed)
+        return controller.offer(message, proceed)
 
     return on_message

@@ -1,0 +1,93 @@
+"""``once=True``: a second delivery of a run that finished, or that another live worker is
+running, is acknowledged and skipped; a run whose worker died still runs again.
+
+Each case sends the same task id twice, as a producer retry or a restored message would.
+The same sequence for a task without ``once`` runs twice, which shows each test could
+see a second run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from taskmesh.state.keys import COUNTERS, UNACKED
+
+from .conftest import queue_depth, wait_for_workers
+
+APP = "tests.apps.once_app"
+
+
+@pytest.fixture
+def once_app(broker_url: str):
+    from tests.apps import once_app
+
+    once_app.app.conf.broker_url = broker_url
+    once_app.app.conf.result_backend = broker_url
+    once_app.app._submit_policy = None
+    return once_app
+
+
+def runs(broker, task_id: str) -> int:
+    return [r.decode() for r in broker.lrange("test:once-runs", 0, -1)].count(task_id)
+
+
+def settled(broker) -> bool:
+    return queue_depth(broker, "cpu_intensive") == 0 and broker.hlen(UNACKED) == 0
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout}s"
+        time.sleep(0.05)
+
+
+def start(processes, app, *names: str, env: dict[str, str] | None = None) -> list:
+    workers = [processes.celery_worker(APP, "-Q", "cpu_intensive", "-c", "1", "-n", f"{n}@%h", env=env)
+               for n in names]
+    wait_for_workers(app, [f"{n}@{os.uname().nodename}" for n in names])
+    return workers
+
+
+@pytest.mark.parametrize("task, runs_expected", [("once_job", 1), ("plain_job", 2)])
+def test_a_second_delivery_of_a_finished_run_is_skipped(once_app, broker, processes, task, runs_expected):
+    start(processes, once_app.app, "solo1")
+    job, task_id = getattr(once_app, task), uuid.uuid4().hex
+    job.apply_async((0.1,), task_id=task_id).get(timeout=60)
+    job.apply_async((0.1,), task_id=task_id)  # the same run, delivered again
+    wait_until(lambda: settled(broker) and runs(broker, task_id) >= runs_expected, "the second delivery settled")
+    time.sleep(1.0)  # a second run would have started by now: the first took 0.1 s
+    assert runs(broker, task_id) == runs_expected
+    if task == "once_job":
+        wait_until(lambda: int(broker.hget(COUNTERS, "duplicates_skipped") or 0) == 1, "the skip counted")
+
+
+@pytest.mark.parametrize("task, runs_expected", [("once_job", 1), ("plain_job", 2)])
+def test_a_duplicate_of_a_run_still_going_waits_for_it_then_is_skipped(once_app, broker, processes, task,
+                                                                      runs_expected):
+    start(processes, once_app.app, "first", "second")
+    job, task_id = getattr(once_app, task), uuid.uuid4().hex
+    first = job.apply_async((3.0,), task_id=task_id)
+    wait_until(lambda: runs(broker, task_id) == 1, "the first run started")
+    job.apply_async((0.1,), task_id=task_id)  # the other worker is free and takes it
+    first.get(timeout=60)
+    wait_until(lambda: settled(broker), "the duplicate settled")
+    time.sleep(1.0)
+    assert runs(broker, task_id) == runs_expected
+
+
+def test_a_run_whose_worker_died_runs_again_on_another(once_app, broker, processes):
+    env = {"TASKMESH_RESERVATION_TTL_S": "3"}
+    (doomed,) = start(processes, once_app.app, "doomed", env=env)
+    result = once_app.once_job.apply_async((8.0,))
+    wait_until(lambda: runs(broker, result.id) == 1, "the first run started")
+    start(processes, once_app.app, "survivor", env=env)
+    time.sleep(2.0)  # the registry is told what a worker holds within a second of it arriving
+    os.killpg(doomed.pid, signal.SIGKILL)
+    assert result.get(timeout=90) == result.id  # the survivor ran it again, once its claim expired
+    assert runs(broker, result.id) == 2
