@@ -238,6 +238,7 @@ LAZY_COMMANDS = {
     "status": "taskmesh.observe.top:status",
     "top": "taskmesh.observe.top:top",
     "exporter": "taskmesh.observe.exporter:exporter",
+    "dlq": "taskmesh.cli_dlq:dlq",
     "bench": "benchmarks.command:bench",
 }
 

@@ -23,6 +23,7 @@ from kombu import Exchange, Queue
 
 from taskmesh.app.beat import schedule_rebalance
 from taskmesh.app.cuda import connect_empty_cache
+from taskmesh.app.dead_letters import connect_dead_letters
 from taskmesh.app.routing import route_by_profile
 from taskmesh.app.task import TaskmeshTask
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
@@ -119,6 +120,7 @@ def create_app(
         result_backend=broker_url if broker_url.startswith(("redis://", "rediss://")) else None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        task_retry_on_worker_lost=True,  # a task that kills its process retries max_retries times, not for ever
         worker_prefetch_multiplier=1,
         task_default_priority=int(Priority.NORMAL),
         task_track_started=True,
@@ -136,5 +138,6 @@ def create_app(
     app.on_after_finalize.connect(derive_visibility_timeout, weak=False)
     app.steps["consumer"].add("taskmesh.worker.bootstep:AdmissionStep")
     connect_empty_cache(app)
+    connect_dead_letters(app)
     schedule_rebalance(app)
     return app

@@ -49,6 +49,7 @@ KNOWN_COUNTERS = {
     "rerouted": "Tasks a worker sent on to a queue of GPUs that can run them",
     "released": "Reservations released when a task ended",
     "requeued": "Held messages given back to the queue (for example on an unhealthy GPU)",
+    "dead_lettered": "Tasks that failed for good and went to the dead-letter store",
     "duplicates_skipped": "Second deliveries of a once=True run that had finished, acknowledged and not run",
     "duplicates_parked": "Second deliveries of a once=True run still running elsewhere, kept until it ended",
     "queue_full": "Submissions refused with QueueFull (backpressure)",

@@ -28,7 +28,7 @@ from taskmesh.state.registry import Registry
 
 RECENT_RUNS = 5
 COUNTER_NAMES = (
-    "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued", "duplicates_skipped",
+    "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued", "duplicates_skipped", "dead_lettered",
     "queue_full", "infeasible", "fallbacks", "rebalance_actions", "alerts_raised",
 )
 
