@@ -23,7 +23,7 @@ from taskmesh.core.errors import TaskmeshError
 from taskmesh.core.nodes import group_of
 from taskmesh.core.submit import runs_here
 from taskmesh.hardware.inventory import Inventory, detect, local_record
-from taskmesh.run.stack import Stack, StackError, StackOptions, free_port
+from taskmesh.run.stack import DEFAULT_DATA_DIR, Stack, StackError, StackOptions, free_port
 from taskmesh.run.workers import GROUP_PROFILES, PlanError, plan_workers
 from taskmesh.state.registry import Registry
 
@@ -120,11 +120,14 @@ def supervise(supervisor: Any, app: Any, path: str, loglevel: str, gpu_pool: str
 @click.option("--beat/--no-beat", default=True, show_default=True)
 @click.option("--gpu-pool", type=click.Choice(["prefork", "threads", "solo"]), default=None)
 @click.option("--logdir", type=click.Path(path_type=Path), default=None)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of the Redis started here: its append-only file (default ./.taskmesh/redis; "
+              "a throwaway one with --demo).")
 @click.option("--json", "as_json", is_flag=True, help="With --demo: print the summary as JSON too.")
 @click.pass_context
 def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | None, flower: bool,
        flower_port: int | None, flower_auth: str | None, exporter_port: int | None, beat: bool,
-       gpu_pool: str | None, logdir: Path | None, as_json: bool) -> None:
+       gpu_pool: str | None, logdir: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Start Redis, the worker groups, beat and Flower on this machine."""
     path = app_path(ctx)
     if demo:
@@ -136,6 +139,8 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
             click.echo(f"taskmesh: no GPU found; simulating {DEMO_GPUS} for the demo", err=True)
     if not path:
         raise click.UsageError("up needs the app: taskmesh -A myapp.tasks up (or taskmesh up --demo)")
+    if data_dir is not None and broker:
+        raise click.UsageError("--data-dir is for the Redis that up starts; with --broker, drop it")
     options = StackOptions(
         app_path=path,
         broker=broker,
@@ -146,6 +151,7 @@ def up(ctx: click.Context, demo: bool, broker: str | None, redis_port: int | Non
         exporter_port=exporter_port or (free_port() if demo else 9808),
         beat=beat,
         logdir=logdir,
+        data_dir=data_dir or (None if demo else DEFAULT_DATA_DIR),
     )
     stack = Stack(options)
     stack.supervisor.install_signal_handlers()

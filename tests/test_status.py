@@ -214,6 +214,38 @@ def test_top_redraws_until_q_and_quits_cleanly_on_ctrl_c(broker_url):
             os.close(controller)
 
 
+def _ignore_sigint_on_its_own_terminal() -> None:
+    """As a shell's ``cmd &`` leaves it: SIGINT ignored; the pty made the controlling
+    terminal (after start_new_session's setsid) so that the Ctrl-C byte raises SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_top_started_with_sigint_ignored_still_quits_on_ctrl_c(broker_url):
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "taskmesh", "top", "--interval", "0.2"], cwd=ROOT,
+                            stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+                            preexec_fn=_ignore_sigint_on_its_own_terminal)
+    os.close(terminal)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 30
+        while seen.count(b"Queues") < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")
+            seen += drain(controller)
+        os.write(controller, b"\x03")  # Ctrl-C typed at its terminal
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:
+            drain(controller)
+        assert proc.poll() == 0, "top ignored Ctrl-C"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        os.close(controller)
+
+
 def test_progress_with_a_bad_total_names_the_task_and_the_fix(gpu_app):
     with pytest.raises(ValueError, match=r"progressing: self.progress\(done=1, total=0\): total must be above 0"):
         gpu_app.progressing.progress(1, 0)

@@ -49,7 +49,7 @@ def test_up_serves_flower_with_auth_and_sigterm_stops_everything(processes, tmp_
     proc = processes.taskmesh(
         "-A", "tests.apps.e2e_app", "up", "--redis-port", str(_free()), "--flower-port",
         str(port := _free()), "--flower-auth", "ops:s3cret", "--logdir", str(tmp_path),
-        "--exporter-port", str(metrics_port := _free()),
+        "--exporter-port", str(metrics_port := _free()), "--data-dir", str(tmp_path / "redis"),
         env={"TASKMESH_TEST_MARKER": marker, "TASKMESH_SIMULATE_GPUS": "1x24GiB"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

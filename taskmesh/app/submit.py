@@ -6,6 +6,9 @@ message exists, so a refusal leaves the broker exactly as it was. Tasks that dec
 no GPU, no fallback and go to a queue without ``max_depth`` take a fast path with no
 Redis round trip. What the fleet has is read from the worker registry, cached for two
 seconds: a producer does not need it fresher than workers announce it.
+
+A broker that cannot be reached is retried as Celery retries a publish
+(``task_publish_retry_policy``), then reported as ``app.broker_errors.BrokerUnreachable``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import logging
 import time
 from typing import Any
 
+from kombu.utils.functional import retry_over_time
+
+from taskmesh.app.broker_errors import REDIS_DOWN, broker_unreachable
 from taskmesh.core.claims import gpu_pool
 from taskmesh.core.errors import InfeasibleRequirement, QueueFull
 from taskmesh.core.headers import FALLBACK_HEADER
@@ -28,6 +34,7 @@ from taskmesh.state.registry import Registry
 
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 2.0
+RETRY_KEYS = ("max_retries", "interval_start", "interval_step", "interval_max")
 
 
 def queue_name(queue: Any) -> str:
@@ -72,7 +79,28 @@ class SubmitPolicy:
         return problem, fits_all, capacity
 
     def prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any]) -> None:
-        """Adjust *options* (queue, headers) or raise; nothing has been sent yet."""
+        """Adjust *options* (queue, headers) or raise; nothing has been sent yet.
+
+        Each try works on a copy, so one cut short by a lost connection leaves nothing
+        half-applied (a fallback queue taken for an explicit one) for the next.
+        """
+        def attempt() -> dict[str, Any]:
+            trial = {**options, "headers": dict(options.get("headers") or {})}
+            self._prepare(task_name, requirement, trial)
+            return trial
+
+        conf = self.app.conf
+        policy = {**(conf.task_publish_retry_policy or {}), **(options.get("retry_policy") or {})}
+        try:
+            if options.get("retry", conf.task_publish_retry):
+                done = retry_over_time(attempt, REDIS_DOWN, **{k: policy[k] for k in RETRY_KEYS if k in policy})
+            else:
+                done = attempt()
+        except REDIS_DOWN as exc:
+            raise broker_unreachable(self.app, exc) from exc
+        options.update(done)
+
+    def _prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any]) -> None:
         explicit = options.get("queue") is not None
         queue = queue_name(options["queue"]) if explicit else requirement.profile.queue
         if requirement.needs_gpu or requirement.cpu_threads > 1 or requirement.memory_mib:

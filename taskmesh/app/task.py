@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Task
 
+from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.progress import report_progress
 from taskmesh.core.headers import ENQUEUED_AT, REQUIREMENT_HEADER
 from taskmesh.core.profiles import Priority
@@ -44,9 +45,11 @@ class TaskmeshTask(Task):
             ENQUEUED_AT: time.time(),
         }
         policy = getattr(self.app, "submit_policy", None)
-        if policy is not None:
+        if policy is None:
+            return super().apply_async(args, kwargs, task_id, **options)
+        with broker_errors(self.app):
             policy().prepare(self.name, self.requirement, options)
-        return super().apply_async(args, kwargs, task_id, **options)
+            return super().apply_async(args, kwargs, task_id, **options)
 
     def progress(self, done: float, total: float) -> None:
         """How far this run is (bound tasks): ``taskmesh top`` shows a bar and an ETA, Flower a PROGRESS state."""

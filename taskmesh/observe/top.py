@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import select
+import signal
 import sys
 import termios
 import time
@@ -225,6 +226,10 @@ def top(ctx: click.Context, once: bool, interval: float) -> None:
     if once:
         console.print(render(_collect(app)))
         return
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Started as a background job (a shell's ``cmd &`` ignores SIGINT) and brought to
+        # the foreground later, top would never quit on Ctrl-C: the one key a user tries.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with _keys() as next_key, Live(console=console, screen=True, auto_refresh=False) as live:
             while True:

@@ -4,11 +4,18 @@ Redis (unless a broker is given), the worker groups this hardware supports, beat
 and Flower, under one supervisor. Redis listens on loopback only and Flower is
 started with generated basic-auth credentials: a local stack should not be an open
 door on a shared machine.
+
+The Redis started here keeps an append-only file (fsync every second) in a data
+folder the user can find (``./.taskmesh/redis`` unless ``--data-dir`` says
+otherwise), and the supervisor restarts it if it dies: queued tasks, results and the
+GPU ledger survive a Redis restart. A crash of the *host* can lose up to the last
+second of acknowledged writes, the trade-off Redis documents for ``everysec``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import secrets
 import shutil
@@ -17,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from taskmesh.app.celery_app import BROKER_ENV
 from taskmesh.run.supervisor import ProcessSpec, Supervisor
@@ -40,16 +47,29 @@ class StackOptions:
     beat: bool = True
     logdir: Path | None = None
     loglevel: str = "INFO"
+    data_dir: Path | None = None  # None: a fresh folder under the logs (the demo's throwaway Redis)
+
+
+DEFAULT_DATA_DIR = Path(".taskmesh") / "redis"
+
+
+def _probe() -> socket.socket:
+    """A socket that binds as the servers it stands in for do (Redis, Flower, the exporter
+    all set SO_REUSEADDR): a port whose last connections wait in TIME_WAIT after a clean
+    stop is free to them, so it must be free here too; a listening one still is not."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    with _probe() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
+    with _probe() as sock:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -57,7 +77,7 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def redis_command(port: int) -> list[str]:
+def redis_command(port: int, data_dir: Path) -> list[str]:
     server = shutil.which("redis-server")
     if server is None:
         raise StackError(
@@ -69,7 +89,31 @@ def redis_command(port: int) -> list[str]:
             f"port {port} on 127.0.0.1 is in use; pass --redis-port with a free port, "
             f"or --broker redis://127.0.0.1:{port}/0 if that is a Redis you want to use"
         )
-    return [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    return [
+        server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+    ]
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold *data_dir* for this ``up`` (released when the process ends, however it ends):
+    two Redis servers writing one append-only file would corrupt it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / "taskmesh-up.lock", "a+")  # noqa: SIM115 - held for the life of the stack
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise StackError(
+            f"the Redis data folder {data_dir} is in use by another taskmesh up (pid {holder}); "
+            "stop that one or pass --data-dir with another folder"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def flower_credentials(auth: str | None) -> str:
@@ -124,13 +168,19 @@ class Stack:
             self.broker_url = f"redis://127.0.0.1:{options.redis_port}/0"
         self.env = {**os.environ, BROKER_ENV: self.broker_url}
         self.nodenames: list[str] = []
+        self.data_dir = (options.data_dir or self.logdir / "redis").resolve()
+        self._data_lock: IO[str] | None = None
 
     def start_broker(self) -> None:
         os.environ[BROKER_ENV] = self.broker_url
         if self.owns_redis:
-            argv = redis_command(self.options.redis_port)
+            argv = redis_command(self.options.redis_port, self.data_dir)
+            self._data_lock = lock_data_dir(self.data_dir)
             self.supervisor.add(ProcessSpec("redis", argv, stop_last=True))
-        wait_for_redis(self.broker_url)
+        try:
+            wait_for_redis(self.broker_url)
+        except StackError as exc:
+            raise StackError(f"{exc}; see {self.logdir / 'redis.log'}" if self.owns_redis else str(exc)) from None
 
     def start_services(self, workers: list[WorkerSpec]) -> None:
         options = self.options
@@ -174,6 +224,8 @@ class Stack:
 
     def describe(self) -> str:
         lines = [f"broker: {self.broker_url}" + (" (started here)" if self.owns_redis else "")]
+        if self.owns_redis:
+            lines.append(f"redis data: {self.data_dir} (append-only file, fsync every second)")
         lines += [f"worker: {name}" for name in self.nodenames]
         if self.options.flower:
             lines.append(f"flower: http://127.0.0.1:{self.options.flower_port}/  login {self.flower_auth}")
@@ -183,3 +235,5 @@ class Stack:
 
     def stop(self) -> None:
         self.supervisor.stop()
+        if self._data_lock is not None:
+            self._data_lock.close()

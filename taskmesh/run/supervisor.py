@@ -10,15 +10,21 @@ Each child gets its own session (process group) so that a terminal's Ctrl-C reac
 only the supervisor, which then stops all children together, the Redis broker last
 (workers drain to it), and so that a worker's pool processes can be
 killed together by group id if it will not stop.
+
+A supervisor that is itself killed (SIGKILL, the OOM killer) cannot stop anything, so
+on Linux each child is also armed with a parent-death signal: the kernel sends it
+SIGTERM, the same warm shutdown, when the supervisor goes, and no orphan keeps a port.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +32,7 @@ from typing import IO, Any
 
 MAX_BACKOFF_S = 30.0
 STABLE_AFTER_S = 60.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +94,7 @@ class Supervisor:
             stderr=subprocess.STDOUT if out is not None else None,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_parent_death_signal(),
         )
         child.started_at = time.monotonic()
         child.restart_at = None
@@ -169,6 +177,30 @@ def stop_process(proc: subprocess.Popen[Any], grace_s: float = 30.0) -> None:
     _kill_group(proc.pid)
     if proc.poll() is None:
         proc.wait(10)
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGTERM the child when this process dies.
+
+    Linux only, and only from the main thread: the signal fires when the *thread* that
+    forked exits, so a child forked by a short-lived thread would be stopped with it.
+    ``prctl`` is looked up here, before the fork, so that the child only calls it.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died between fork and prctl: nobody to signal us
+            os._exit(1)
+
+    return arm
 
 
 def _kill_group(pgid: int) -> None:

@@ -35,7 +35,9 @@ def broker_client(app: Any) -> redis.Redis:
             f"taskmesh needs a Redis broker (redis://, rediss://, unix://); app {app.main!r} has "
             f"{given!r}: set broker_url"
         )
-    return redis.Redis.from_url(url)
+    # Bounded as kombu bounds its own connects: without it a broker host that drops
+    # packets holds a producer's submit for the kernel's SYN retries (minutes).
+    return redis.Redis.from_url(url, socket_connect_timeout=app.conf.broker_connection_timeout)
 
 
 def lua(name: str) -> str:

@@ -11,9 +11,14 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
+from kombu.utils.url import maybe_sanitize_url
+
+from taskmesh.state.client import broker_redis_url
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.recovery import reclaim_dead_workers
 from taskmesh.worker.report import Reporter
@@ -41,14 +46,31 @@ class Heartbeat:
 
     def _run(self) -> None:
         controller = self.controller
+        failed_since: float | None = None
+        failed_beats = 0
         while not self.stopping.is_set():
             try:
                 self.beat()
-            except Exception:  # the next beat tries again; a dead Redis must not kill the thread
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # One line when the broker goes and one when it is back, not a traceback a beat.
+                if failed_since is None:
+                    failed_since = time.monotonic()
+                    log.warning("taskmesh heartbeat: broker %s unreachable (%s); heartbeats retry every %.0fs",
+                                self._broker(), " ".join(str(exc).split()), HEARTBEAT_S)
+                failed_beats += 1
+            except Exception:  # the next beat tries again; nothing may kill the thread
                 log.exception("taskmesh heartbeat failed")
+            else:
+                if failed_since is not None:
+                    log.warning("taskmesh heartbeat: broker %s reachable again after %d failed heartbeats (%.0fs)",
+                                self._broker(), failed_beats, time.monotonic() - failed_since)
+                    failed_since, failed_beats = None, 0
             controller.changed.wait(HEARTBEAT_S)
             controller.changed.clear()
             self.stopping.wait(MIN_BEAT_S)
+
+    def _broker(self) -> str:
+        return maybe_sanitize_url(broker_redis_url(self.app))
 
     def beat(self) -> None:
         """Registry, reservation refresh, dead workers' messages."""
