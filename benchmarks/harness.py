@@ -39,7 +39,7 @@ class LocalRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LocalRedis:
-        self.proc = subprocess.Popen(redis_command(self.port), stdout=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(redis_command(self.port, None), stdout=subprocess.DEVNULL, start_new_session=True)
         wait_for_redis(self.url)
         return self
 

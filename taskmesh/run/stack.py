@@ -77,7 +77,9 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def redis_command(port: int, data_dir: Path) -> list[str]:
+def redis_command(port: int, data_dir: Path | None) -> list[str]:
+    """redis-server on loopback: with an append-only file in *data_dir*, or (``None``: a
+    throwaway server, as the benchmarks use) with no persistence at all."""
     server = shutil.which("redis-server")
     if server is None:
         raise StackError(
@@ -89,6 +91,8 @@ def redis_command(port: int, data_dir: Path) -> list[str]:
             f"port {port} on 127.0.0.1 is in use; pass --redis-port with a free port, "
             f"or --broker redis://127.0.0.1:{port}/0 if that is a Redis you want to use"
         )
+    if data_dir is None:
+        return [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     return [
         server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
