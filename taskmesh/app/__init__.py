@@ -1,6 +1,8 @@
 """The app layer: ``create_app``, the task base, routing, the submit checks, the
-rebalancer's beat task, progress and placement — ordinary Celery configuration, with
-Celery's public API only.
+rebalancer's beat task, progress and placement — ordinary Celery configuration. Beyond
+Celery's public API it extends three seams every task passes through, each named where
+it is done: ``Celery._task_from_fun`` (every task class, ``@shared_task`` included),
+``Celery.send_task`` (every send) and ``AMQP.flush_routes`` (the route table).
 
 May import ``core``, ``hardware`` and ``state``. The worker layer is named only by
 string (``TaskmeshTask.Strategy``, the consumer bootstep), so importing an app never

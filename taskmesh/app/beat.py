@@ -1,11 +1,20 @@
 """The beat entry of every taskmesh app: ``taskmesh.rebalance``, on the ``cpu_light``
-queue (gevent) at CRITICAL priority, every ``rebalance.interval_s``."""
+queue (gevent) at CRITICAL priority, every ``rebalance.interval_s``.
+
+The entry is merged into ``beat_schedule`` twice: at ``create_app``, so the setting shows
+it at once, and again when the app is finalized (``on_after_finalize``, which ``celery
+beat`` and ``worker -B`` reach before their scheduler reads the setting), so an app
+that replaces ``app.conf.beat_schedule`` after ``create_app`` keeps the rebalancer. A
+user entry under the same key wins.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from taskmesh.core.profiles import Priority
+
+ENTRY = "taskmesh-rebalance"
 
 
 def schedule_rebalance(app: Any) -> None:
@@ -22,11 +31,11 @@ def schedule_rebalance(app: Any) -> None:
 
         return run(app)
 
-    schedule = {
-        "taskmesh-rebalance": {
-            "task": "taskmesh.rebalance",
-            "schedule": interval,
-            "options": {"priority": int(Priority.CRITICAL), "expires": interval},
-        }
-    }
-    app.conf.beat_schedule = {**schedule, **(app.conf.beat_schedule or {})}
+    entry = {"task": "taskmesh.rebalance", "schedule": interval,
+             "options": {"priority": int(Priority.CRITICAL), "expires": interval}}
+
+    def merge(**_: Any) -> None:
+        app.conf.beat_schedule = {ENTRY: entry, **(app.conf.beat_schedule or {})}
+
+    merge()
+    app.on_after_finalize.connect(merge, weak=False)

@@ -1,9 +1,17 @@
 """``create_app``: a plain ``celery.Celery`` that knows what its tasks need.
 
 Everything here is ordinary Celery configuration — queues, a router, a Task base
-class, settings — so removing taskmesh leaves a working Celery app. The only
-override of Celery's own API is ``task()``, so that a resource declaration is
-validated at import (Celery itself creates task classes lazily).
+class, settings — so removing taskmesh leaves a working Celery app. Three methods of
+Celery's app are extended:
+
+- ``task()`` validates a resource declaration at import (Celery itself creates task
+  classes lazily);
+- ``_task_from_fun``, the one place Celery creates a task class — for ``@app.task``
+  and for ``@shared_task`` alike — turns resource options into the task's
+  ``requirement`` and puts ``TaskmeshTask`` behind a custom ``base=``;
+- ``send_task``, which ``apply_async`` and every canvas end in, stamps the requirement,
+  names the priority and runs the submit checks (``app.sending``), so a task sent by
+  name is treated as one sent by ``.delay()``.
 
 Defaults are those that long GPU tasks need and that Celery does not ship with:
 late acks, reject on worker loss, prefetch multiplier 1, JSON only, task events on
@@ -22,10 +30,11 @@ from celery.utils.imports import gen_task_name
 from kombu import Exchange, Queue
 
 from taskmesh.app.beat import schedule_rebalance
+from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.cuda import connect_empty_cache
 from taskmesh.app.dead_letters import connect_dead_letters
-from taskmesh.app.routing import route_by_profile
-from taskmesh.app.task import TaskmeshTask
+from taskmesh.app.sending import prepare_send, requirement_by_name
+from taskmesh.app.task import TaskmeshTask, with_taskmesh
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
 from taskmesh.core.config import Config, load_config
 from taskmesh.core.errors import ConfigError, RequirementError
@@ -44,6 +53,7 @@ class TaskmeshCelery(Celery):
 
     taskmesh_config: Config
     visibility_timeout_is_explicit: bool = False
+    amqp_cls = "taskmesh.app.routing:TaskmeshAMQP"
 
     def task(self, *args: Any, **opts: Any) -> Any:
         if len(args) == 1 and callable(args[0]):
@@ -56,6 +66,30 @@ class TaskmeshCelery(Celery):
             return super(TaskmeshCelery, self).task(**dict(opts, requirement=requirement))(fun)
 
         return declare
+
+    def _task_from_fun(self, fun: Any, name: str | None = None, base: Any = None, **options: Any) -> Any:
+        name = name or self.gen_task_name(fun.__name__, fun.__module__)
+        if "requirement" not in options:  # @shared_task, or Celery's own tasks: not validated by task()
+            resources = {k: options.pop(k) for k in REQUIREMENT_OPTIONS if k in options}
+            options["requirement"] = self._requirement(name, {**resources, "priority": options.pop("priority", None)})
+        return super()._task_from_fun(fun, name=name, base=with_taskmesh(base or self.Task), **options)
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        # without task_type Celery looks the name up itself, for the task's execution options
+        task = options.get("task_type") or self.registered(name)
+        with broker_errors(self):  # taskmesh's checks, the result subscription and the publish alike
+            prepare_send(self, name, task, args, kwargs, options)
+            return super().send_task(name, args, kwargs, **options)
+
+    def registered(self, name: str | None) -> Any:
+        """The task registered under *name* in this process, or ``None`` (finalizing the app
+        first, as using a task does, unless it is not to be finalized automatically)."""
+        registry = self.tasks if self.autofinalize or self.finalized else self._tasks
+        return registry.get(name) if name else None
+
+    def requirement_of(self, name: str, task: Any = None) -> Requirement | None:
+        """What *name* needs, as this process knows it; ``None`` when it knows nothing of it."""
+        return requirement_by_name(self, name, task if task is not None else self.registered(name))
 
     def _requirement(self, name: str, declared: dict[str, Any]) -> Requirement:
         config = self.taskmesh_config
@@ -101,18 +135,20 @@ def create_app(
 
     *broker*: the argument, else ``TASKMESH_BROKER_URL``, else ``taskmesh up``'s
     local Redis. *hardware*: a config path or name (see ``config.find_config_file``).
-    Any other keyword is Celery configuration and wins over taskmesh's defaults.
+    Any other keyword is Celery configuration and wins over taskmesh's defaults;
+    ``task_routes`` is merged instead: the user's routes first, then profile routing
+    (``app.routing``).
     """
     config = load_config(hardware)
     broker_url = broker or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
-    app = TaskmeshCelery(main, broker=broker_url, task_cls=TaskmeshTask, set_as_current=False)
+    # current, as Celery(...) makes it: @shared_task proxies resolve to the current app
+    app = TaskmeshCelery(main, broker=broker_url, task_cls=TaskmeshTask)
     app.taskmesh_config = config
     timeout = config.admission.visibility_timeout_s or MIN_VISIBILITY_TIMEOUT
     transport = {"priority_steps": [0, 3, 6, 9], "visibility_timeout": timeout}
     app.conf.update(
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         task_default_queue=config.default_profile.queue,
-        task_routes=(route_by_profile,),
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from taskmesh.core.need_queues import family
-from taskmesh.core.nodes import group_of
+from taskmesh.core.nodes import worker_group
 from taskmesh.core.profiles import QUEUES, Profile
 from taskmesh.core.rebalance_policy import (
     Decision,
@@ -84,7 +84,7 @@ def _run(app: Any, client: Any, config: Any, started: float) -> dict[str, Any]:
     settled = [w for w in workers if w.host not in unsettled]
     decisions = assist_moves(queues, workers, config) + pool_sizes(queues, settled, config)
     decisions += _reroutes(app, client, queues, workers, config)
-    found = alerts(queues, workers, config, groups_seen(records))
+    found = alerts(queues, workers, config, groups_seen(records, states))
     _act(app, client, decisions)
     raised = _update_alerts(app, client, found)
     if decisions:
@@ -130,11 +130,12 @@ def expected_runtimes(app: Any, client: Any, registry: Registry, depths: Mapping
 def worker_view(record: WorkerRecord, state: Mapping[str, Any]) -> WorkerView:
     """A worker as the policy sees it: its registry record and the state its controller announced."""
     pool = state.get("pool", {})
+    queues = own_queues(record, state)
     return WorkerView(
         node=record.node,
-        group=group_of(record.node),
+        group=worker_group(record.node, queues),
         host=record.host,
-        queues=tuple(q for q in record.queues if q != state.get("assist")),
+        queues=queues,
         assist=state.get("assist"),
         pool={"prefork": "prefork", "gevent": "gevent", "thread": "threads"}.get(pool.get("implementation"), "other"),
         pool_size=int(pool.get("size") or 1),
@@ -166,10 +167,16 @@ def queue_views(depths: Mapping[str, QueueDepth], runtimes: Mapping[str, float],
     return views
 
 
-def groups_seen(records: Iterable[WorkerRecord]) -> list[str]:
+def own_queues(record: WorkerRecord, state: Mapping[str, Any]) -> tuple[str, ...]:
+    """The queues a worker consumes, less the one the rebalancer pointed it at."""
+    return tuple(q for q in record.queues if q != state.get("assist"))
+
+
+def groups_seen(records: Iterable[WorkerRecord], states: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
     """Worker groups (``gpu0``, ``cpu``, ...) of workers not stopped cleanly: one missing from the
-    live ones is down."""
-    return sorted({group_of(r.node) for r in records if not r.stopped})
+    live ones is down. A hand-named worker's group comes from its queues, as in ``worker_view``."""
+    states = states or {}
+    return sorted({worker_group(r.node, own_queues(r, states.get(r.node, {}))) for r in records if not r.stopped})
 
 
 def _reroutes(app: Any, client: Any, queues: dict[str, QueueView], workers: list[WorkerView],

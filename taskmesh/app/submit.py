@@ -1,8 +1,9 @@
 """Decisions at submit time: refuse what can never run, push back when a queue is full,
 send GPU work where it fits, and take a fallback when the preferred queue is saturated.
 
-Everything here runs in the producer, inside ``TaskmeshTask.apply_async``, before a
-message exists, so a refusal leaves the broker exactly as it was. Tasks that declare
+Everything here runs in the producer, inside ``TaskmeshCelery.send_task`` (which
+``apply_async`` and every canvas end in; ``app.sending``), before a message exists, so a
+refusal leaves the broker exactly as it was. Tasks that declare
 no GPU, no fallback and go to a queue without ``max_depth`` take a fast path with no
 Redis round trip. What the fleet has is read from the worker registry, cached for two
 seconds: a producer does not need it fresher than workers announce it.
@@ -35,6 +36,7 @@ from taskmesh.state.registry import Registry
 log = logging.getLogger(__name__)
 REGISTRY_CACHE_S = 2.0
 RETRY_KEYS = ("max_retries", "interval_start", "interval_step", "interval_max")
+TOLD_KEEP = 1024  # lenient sends already warned about, remembered up to this many
 
 
 def queue_name(queue: Any) -> str:
@@ -53,6 +55,7 @@ class SubmitPolicy:
         self._verdicts: dict[Requirement, tuple[str | None, bool]] = {}  # per registry view: problem, fits all
         self._registered: set[str] = set()
         self._warned: set[str] = set()
+        self._told: set[tuple[str, str]] = set()
 
     def workers(self) -> list[WorkerRecord]:
         return self._view()[0]
@@ -78,15 +81,19 @@ class SubmitPolicy:
         problem, fits_all = self._verdicts[requirement]
         return problem, fits_all, capacity
 
-    def prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any]) -> None:
+    def prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any],
+                routed: str | None = None, lenient: str | None = None) -> None:
         """Adjust *options* (queue, headers) or raise; nothing has been sent yet.
 
-        Each try works on a copy, so one cut short by a lost connection leaves nothing
-        half-applied (a fallback queue taken for an explicit one) for the next.
+        *routed* is the queue Celery's router picks (``None``: the profile's); one other than
+        the profile's (a user route) is honoured as an explicit ``queue=`` is. *lenient* says
+        why this send must not be refused (``app.sending``): a refusal is then logged and the
+        task sent. Each try works on a copy, so one cut short by a lost connection leaves
+        nothing half-applied (a fallback queue taken for an explicit one) for the next.
         """
         def attempt() -> dict[str, Any]:
             trial = {**options, "headers": dict(options.get("headers") or {})}
-            self._prepare(task_name, requirement, trial)
+            self._prepare(task_name, requirement, trial, routed, lenient)
             return trial
 
         conf = self.app.conf
@@ -100,11 +107,12 @@ class SubmitPolicy:
             raise broker_unreachable(self.app, exc) from exc
         options.update(done)
 
-    def _prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any]) -> None:
-        explicit = options.get("queue") is not None
-        queue = queue_name(options["queue"]) if explicit else requirement.profile.queue
+    def _prepare(self, task_name: str, requirement: Requirement, options: dict[str, Any],
+                 routed: str | None, lenient: str | None) -> None:
+        chosen, explicit = self._destination(requirement, options, routed)
+        queue = chosen
         if requirement.needs_gpu or requirement.cpu_threads > 1 or requirement.memory_mib:
-            queue = self._place(task_name, requirement, queue, explicit)
+            queue = self._place(task_name, requirement, queue, explicit, lenient)
         if requirement.fallback is not None and not explicit and self._saturated(requirement, queue):
             self.registry.count("fallbacks")
             options.setdefault("headers", {})[FALLBACK_HEADER] = queue
@@ -112,15 +120,38 @@ class SubmitPolicy:
             log.info("%s: %s is saturated; sent to its fallback %s", task_name, family(queue), queue)
         max_depth = self.config.queue(family(queue)).max_depth
         if max_depth:
-            self._wait_for_room(task_name, queue, max_depth)
-        if queue != (queue_name(options["queue"]) if explicit else requirement.profile.queue):
+            self._wait_for_room(task_name, queue, max_depth, lenient)
+        if queue != chosen:
             options["queue"] = queue
 
-    def _place(self, task_name: str, requirement: Requirement, queue: str, explicit: bool) -> str:
+    def check(self, task_name: str, requirement: Requirement, options: dict[str, Any],
+              routed: str | None = None) -> None:
+        """Raise as ``prepare`` would, for a canvas step a worker sends later; changes nothing
+        (a fallback is decided when the step is sent)."""
+        queue, explicit = self._destination(requirement, options, routed)
+        if requirement.needs_gpu or requirement.cpu_threads > 1 or requirement.memory_mib:
+            queue = self._place(task_name, requirement, queue, explicit)
+        max_depth = self.config.queue(family(queue)).max_depth
+        if max_depth:
+            self._wait_for_room(task_name, queue, max_depth)
+
+    @staticmethod
+    def _destination(requirement: Requirement, options: dict[str, Any], routed: str | None) -> tuple[str, bool]:
+        """The queue the send goes to as it stands, and whether someone other than its profile chose it."""
+        if options.get("queue") is not None:
+            return queue_name(options["queue"]), True
+        routed = routed or requirement.profile.queue
+        return routed, routed != requirement.profile.queue
+
+    def _place(self, task_name: str, requirement: Requirement, queue: str, explicit: bool,
+               lenient: str | None = None) -> str:
         problem, fits_all, capacity = self._verdict(requirement)
         if problem:
             self.registry.count("infeasible")
             message = f"task {task_name!r} can never run: {problem}; nothing was sent"
+            if lenient is not None:
+                log.warning("%s; sent anyway (%s)", message.rsplit(";", 1)[0], lenient)
+                return queue
             if self.config.admission.on_infeasible == "raise":
                 raise InfeasibleRequirement(
                     message + " (set admission.on_infeasible: warn to queue it anyway)"
@@ -162,7 +193,16 @@ class SubmitPolicy:
         depths = app_queue_depths(self.app, queues, client=self.app.redis(), count_in_flight=False)
         return sum(d.waiting for d in depths.values())
 
-    def _wait_for_room(self, task_name: str, queue: str, max_depth: int) -> None:
+    def _wait_for_room(self, task_name: str, queue: str, max_depth: int, lenient: str | None = None) -> None:
+        if lenient is not None:
+            told = (family(queue), lenient)  # once per group, parent or retry: a group may be large
+            if told not in self._told and (waiting := self._waiting([family(queue)])) >= max_depth:
+                if len(self._told) > TOLD_KEEP:
+                    self._told.clear()
+                self._told.add(told)
+                log.warning("queue %r has %d tasks waiting, its max_depth (queues.%s.max_depth); %r sent anyway (%s)",
+                            family(queue), waiting, family(queue), task_name, lenient)
+            return
         deadline = time.monotonic() + self.config.admission.queue_full_wait_s
         while (waiting := self._waiting([family(queue)])) >= max_depth:
             if time.monotonic() >= deadline:

@@ -1,30 +1,32 @@
 """``TaskmeshTask``: the task base of every taskmesh app.
 
-At submit it names priorities and stamps the requirement and the enqueue time into
-the headers, then runs the submit checks (``app.submit``); on the worker its
-``Strategy`` and ``Request`` route messages through admission (``taskmesh.worker``),
-named by string so that importing an app never imports the worker layer.
+At submit it names priorities (the requirement header, the queue and the submit checks
+are ``TaskmeshCelery.send_task``'s, which this ``apply_async`` ends in, as every send
+does); on the worker its ``Strategy`` and ``Request`` route messages through admission
+(``taskmesh.worker``), named by string so that importing an app never imports the
+worker layer. A task declared with a ``base=`` of its own gets this class mixed in
+behind that base (``with_taskmesh``), so it is admitted as any other.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Task
 
-from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.progress import report_progress
-from taskmesh.core.headers import ENQUEUED_AT, REQUIREMENT_HEADER
-from taskmesh.core.profiles import Priority
+from taskmesh.app.sending import RETURNED, name_priority
 from taskmesh.core.requirements import Requirement
+
+_MIXED: dict[type, type] = {}
 
 
 class TaskmeshTask(Task):
-    """Task base: names priorities and stamps the requirement into the headers.
+    """Task base: names priorities, and marks when its body has returned.
 
     A declared priority is applied here rather than as Celery's ``Task.priority``
-    attribute, which Celery 5.7 deprecates in favour of routing.
+    attribute, which Celery 5.7 deprecates in favour of routing, and before Celery
+    merges the app's default priority under the caller's options.
     """
 
     requirement: Requirement = Requirement()
@@ -32,25 +34,30 @@ class TaskmeshTask(Task):
     Request = "taskmesh.worker.strategy:AdmittedRequest"
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
-        urgency = options.pop("urgency", None)
-        if urgency is not None:
-            options["priority"] = int(Priority.from_urgency(urgency))
-        elif options.get("priority") is not None:
-            options["priority"] = Priority.parse(options["priority"])
-        elif self.requirement.priority is not None:
-            options["priority"] = self.requirement.priority
-        options["headers"] = {
-            **(options.get("headers") or {}),
-            REQUIREMENT_HEADER: self.requirement.to_header(),
-            ENQUEUED_AT: time.time(),
-        }
-        policy = getattr(self.app, "submit_policy", None)
-        if policy is None:
-            return super().apply_async(args, kwargs, task_id, **options)
-        with broker_errors(self.app):
-            policy().prepare(self.name, self.requirement, options)
-            return super().apply_async(args, kwargs, task_id, **options)
+        name_priority(options, self.requirement.priority)
+        return super().apply_async(args, kwargs, task_id, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # What a worker sends after this returns (the next chain step, callbacks, a chord
+        # body) is sent for a finished task and must not be refused (``app.sending``).
+        request = self.request
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            if not request.called_directly:
+                setattr(request, RETURNED, True)
 
     def progress(self, done: float, total: float) -> None:
         """How far this run is (bound tasks): ``taskmesh top`` shows a bar and an ETA, Flower a PROGRESS state."""
         report_progress(self, done, total)
+
+
+def with_taskmesh(base: type) -> type:
+    """*base* with ``TaskmeshTask`` behind it in the MRO: the user's methods and attributes
+    win, and taskmesh's strategy, request and priority naming fill in the rest."""
+    if issubclass(base, TaskmeshTask):
+        return base
+    if base not in _MIXED:
+        _MIXED[base] = type(base.__name__, (base, TaskmeshTask),
+                            {"__module__": base.__module__, "__doc__": base.__doc__})
+    return _MIXED[base]

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from taskmesh.core.config import Config
-from taskmesh.core.nodes import kind_of
+from taskmesh.core.nodes import kinds_of
 
 DEFAULT_RUNTIME_S = 1.0  # expected run time of a queue's tasks before any was observed
 MIXED_CAN_SERVE = ("gpu", "cpu_intensive", "cpu_light")
@@ -47,7 +47,7 @@ class QueueView:
 @dataclasses.dataclass(frozen=True)
 class WorkerView:
     node: str
-    group: str  # gpu0, cpu, io, mixed, ...: the node name before "@"
+    group: str  # gpu0, cpu, io, mixed; for a hand-named worker, what it serves (cpu+io): nodes.worker_group
     host: str
     queues: tuple[str, ...]
     assist: str | None
@@ -86,7 +86,7 @@ def assist_moves(queues: Mapping[str, QueueView], workers: Sequence[WorkerView],
     home = config.rebalance.mixed_home
     decisions = []
     for worker in workers:
-        if worker.group != "mixed":
+        if kinds_of(worker.group) != ("mixed",):
             continue
         views = [queues[q] for q in MIXED_CAN_SERVE if q in queues]
         busiest = max(views, key=lambda v: v.drain_s, default=None)
@@ -112,9 +112,9 @@ def pool_sizes(queues: Mapping[str, QueueView], workers: Sequence[WorkerView], c
     decisions = []
     by_host: dict[str, list[WorkerView]] = {}
     for worker in workers:
-        if worker.pool == "gevent":
+        if worker.pool == "gevent" and worker.serves("cpu_light"):
             decisions += _gevent_size(worker, queues, config)
-        elif worker.pool == "prefork" and worker.group in ("cpu", "mixed"):
+        elif worker.pool == "prefork" and {"cpu", "mixed"} & set(kinds_of(worker.group)):
             by_host.setdefault(worker.host, []).append(worker)
     for host_workers in by_host.values():
         decisions += _share_threads(host_workers, queues)
@@ -206,7 +206,7 @@ def scaling_hints(queues: Mapping[str, QueueView], workers: Sequence[WorkerView]
         view = queues.get(queue)
         if view is None:
             continue
-        members = [w for w in workers if kind_of(w.group) == group]
+        members = [w for w in workers if group in kinds_of(w.group)]
         per_replica = max(1, max((w.pool_size for w in members), default=1))
         work = view.expected_work_s + view.in_flight * (view.mean_runtime_s or DEFAULT_RUNTIME_S)
         needed = math.ceil(work / (config.rebalance.target_drain_s * per_replica)) if work else 0

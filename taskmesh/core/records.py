@@ -2,7 +2,10 @@
 ``Capacity`` a producer derives from all of them.
 
 Plain frozen records with a JSON form: the registry in ``taskmesh.state`` stores
-them, and producers, the rebalancer and the exporter read them.
+them, and producers, the rebalancer and the exporter read them. Reading keeps only the
+fields this version knows and lets the ones with defaults be absent, so a rolling upgrade
+(a newer worker announcing a field an older producer does not know, or the other way
+round) breaks no reader.
 """
 
 from __future__ import annotations
@@ -45,9 +48,16 @@ class WorkerRecord:
     def from_json(cls, raw: str | bytes) -> WorkerRecord:
         data: dict[str, Any] = json.loads(raw)
         gpus = tuple(
-            GpuRecord(**{**g, "compute_capability": tuple(g["compute_capability"])}) for g in data.pop("gpus")
+            GpuRecord(**{**_known(GpuRecord, g), "compute_capability": tuple(g["compute_capability"])})
+            for g in data.get("gpus") or ()
         )
-        return cls(**{**data, "queues": tuple(data.pop("queues")), "gpus": gpus})
+        return cls(**{**_known(cls, data), "queues": tuple(data.get("queues") or ()), "gpus": gpus})
+
+
+def _known(record: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The fields of *record* that *data* has; a field only a newer version writes is left out."""
+    names = {f.name for f in dataclasses.fields(record)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,8 @@ It builds this worker's ``AdmissionController`` once (a consumer step is stopped
 started again on every broker reconnect, so ``start`` is re-entrant), publishes it as
 ``consumer.taskmesh_admission`` for the task strategy, runs the controller's tick on
 the consumer's timer, and starts the heartbeat thread. Registered on every app by
-``create_app``; a plain ``celery worker`` gets it too.
+``create_app``; a plain ``celery worker`` gets it too, and is told once at start what it
+is missing against a typed ``taskmesh worker`` (``untyped_warning``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,28 @@ from taskmesh.worker.report import Reporter
 
 log = logging.getLogger(__name__)
 TICK_S = 0.5
+IO_POOLS = ("gevent", "eventlet")
 __all__ = ["AdmissionStep", "control"]
+
+
+def untyped_warning(app_name: str, queues: list[str], pool: str, has_gpu: bool | None) -> str | None:
+    """What a worker started by hand lacks, and the fix; ``None`` when it lacks nothing.
+
+    I/O tasks (``cpu_light``) are written for a gevent pool's hundred slots; GPU tasks on a
+    host with no GPU can only wait (*has_gpu* ``None``: not known, nothing said).
+    """
+    families = {q.split(".", 1)[0] for q in queues}
+    missing = []
+    if "cpu_light" in families and pool not in IO_POOLS:
+        missing.append(f"cpu_light (I/O) tasks run on {pool}, not gevent")
+    if "gpu" in families and has_gpu is False:
+        missing.append("gpu tasks are taken on a host with no GPU (no NVML, no TASKMESH_SIMULATE_GPUS)")
+    if not missing:
+        return None
+    return (f"taskmesh: this worker consumes {', '.join(sorted(queues))} with one {pool} pool: "
+            f"{'; '.join(missing)}. Start typed workers with `taskmesh -A {app_name} worker --profile all`, "
+            f"or give each worker its queue and pool: `celery -A {app_name} worker -Q cpu_light -P gevent`, "
+            "`-Q cpu_intensive`, `-Q gpu` on a GPU host")
 
 
 class AdmissionStep(bootsteps.StartStopStep):
@@ -47,6 +69,7 @@ class AdmissionStep(bootsteps.StartStopStep):
         self.heartbeat: Heartbeat | None = None
         self.once: OnceGuard | None = None
         self.timer_entry: Any = None
+        self.warned = False
         c.taskmesh_admission = None
 
     def _create(self, c: Any) -> AdmissionController | None:
@@ -75,6 +98,7 @@ class AdmissionStep(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         if self.controller is None:
             self.controller = self._create(c)
+            self._warn_if_untyped(c)
             if self.controller is None:
                 return
             strategy.current = self.controller
@@ -93,6 +117,17 @@ class AdmissionStep(bootsteps.StartStopStep):
         claims = OnceClaims(controller.registry.client, holder=f"{controller.node}#{controller.incarnation}",
                             ttl_s=app.taskmesh_config.admission.reservation_ttl_s, keep_done_s=keep_done_s(app))
         return OnceGuard(controller, claims)
+
+    def _warn_if_untyped(self, c: Any) -> None:
+        if self.warned:  # start runs again on every broker reconnect: say it once
+            return
+        self.warned = True
+        queues = [q.name for q in c.task_consumer.queues] if c.task_consumer else []
+        pool = type(c.pool).__module__.rsplit(".", 1)[-1]
+        has_gpu = bool(self.controller.gate.known) if self.controller is not None else None
+        message = untyped_warning(c.app.main or "app", queues, pool, has_gpu)
+        if message:
+            log.warning(message)
 
     def _tick(self) -> None:
         self.controller.tick()

@@ -85,7 +85,10 @@ class AdmissionController:
 
     def offer(self, message: Any, proceed: Callable[[], Any]) -> None:
         """A message arrived: run it, hold it, or send it where it can run."""
-        requirement = Requirement.from_header(message.headers.get(REQUIREMENT_HEADER) or {})
+        header = message.headers.get(REQUIREMENT_HEADER)
+        # a producer that stamps nothing (plain Celery, another version): the task registered here says
+        task = self.consumer.app.tasks.get(message.headers.get("task")) if header is None else None
+        requirement = getattr(task, "requirement", None) or Requirement.from_header(header or {})
         task_id = message.headers.get("id")
         with self.lock:
             self.tags[task_id] = str(message.delivery_tag)
