@@ -27,6 +27,7 @@ from taskmesh.state.registry import Registry
 from taskmesh.worker import control, strategy
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.heartbeat import Heartbeat
+from taskmesh.worker.lease import Lease
 from taskmesh.worker.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class AdmissionStep(bootsteps.StartStopStep):
             cpu_threads=inventory.cpu_threads,
             memory_total_mib=inventory.memory_total_mib,
         )
-        registry = Registry(client, alive_s=ttl, memory_s=config.admission.registry_memory_s)
-        return AdmissionController(c, gate, registry, incarnation=uuid.uuid4().hex)
+        registry = Registry(client, alive_s=ttl, memory_s=config.admission.registry_memory_s,
+                            dead_after_s=config.admission.dead_after_s)
+        return AdmissionController(c, gate, registry, incarnation=uuid.uuid4().hex, lease=Lease(ttl))
 
     def start(self, c: Any) -> None:
         if self.controller is None:
