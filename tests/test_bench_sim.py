@@ -43,7 +43,9 @@ def random_operations(seed: int, count: int) -> list[tuple[str, object]]:
         elif kind == "release":
             ops.append((kind, (reservation, pools)))
         elif kind == "refresh":
-            ops.append((kind, ([reservation, f"r{rng.randrange(40)}"], pools)))
+            ids = (reservation, f"r{rng.randrange(40)}")
+            held = {r: {p: rng.randint(1, CAPACITY[p] // 2) for p in pools} for r in ids}
+            ops.append((kind, (held,)))
         else:
             ops.append((kind, (list(pools),)))
     return ops
@@ -79,7 +81,7 @@ def test_the_memory_ledger_expires_and_refreshes_like_the_redis_ledger(broker):
         assert ledger.reserve("kept", claim) is None
         assert ledger.reserve("dropped", [Claim("gpu:b", 50, 60)]) is None
     time.sleep(1.0)
-    assert in_memory.refresh(["kept"], ["gpu:a"]) == on_redis.refresh(["kept"], ["gpu:a"]) == 1
+    assert in_memory.refresh({"kept": {"gpu:a": 80}}) == on_redis.refresh({"kept": {"gpu:a": 80}}) == []
     time.sleep(1.2)  # past the dropped one's expiry, 0.8 s short of the refreshed one's
     for ledger in (on_redis, in_memory):
         assert ledger.used(["gpu:a", "gpu:b"]) == {"gpu:a": 80, "gpu:b": 0}

@@ -55,7 +55,7 @@ def test_unrefreshed_reservations_expire_and_refreshed_ones_stay(broker):
     assert ledger.reserve("dropped", [Claim(pool, 2000, 8000)]) is None
     deadline = time.monotonic() + 2.6
     while time.monotonic() < deadline:
-        assert ledger.refresh(["kept"], [pool]) == 1
+        assert ledger.refresh({"kept": {pool: 1000}}) == []
         time.sleep(0.3)
     assert ledger.used([pool]) == {pool: 1000}
     assert set(ledger.holders(pool)) == {"kept"}

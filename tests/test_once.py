@@ -82,7 +82,7 @@ def test_a_duplicate_of_a_run_still_going_waits_for_it_then_is_skipped(once_app,
 
 
 def test_a_run_whose_worker_died_runs_again_on_another(once_app, broker, processes):
-    env = {"TASKMESH_RESERVATION_TTL_S": "3"}
+    env = {"TASKMESH_RESERVATION_TTL_S": "6", "TASKMESH_DEAD_AFTER_S": "8"}
     (doomed,) = start(processes, once_app.app, "doomed", env=env)
     result = once_app.once_job.apply_async((8.0,))
     wait_until(lambda: runs(broker, result.id) == 1, "the first run started")

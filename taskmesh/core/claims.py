@@ -10,7 +10,7 @@ the fleet simulator and tests).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 
@@ -62,6 +62,6 @@ class LedgerLike(Protocol):
 
     def release(self, reservation: str, pools: Iterable[str]) -> None: ...
 
-    def refresh(self, reservations: Sequence[str], pools: Iterable[str]) -> int: ...
+    def refresh(self, held: Mapping[str, Mapping[str, int]]) -> list[str]: ...
 
     def used(self, pools: Sequence[str]) -> dict[str, int]: ...

@@ -49,7 +49,8 @@ class RebalanceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AdmissionConfig:
-    reservation_ttl_s: float = 15.0  # a dead worker's reservations (and messages) are reclaimed after this
+    reservation_ttl_s: float = 15.0  # a silent worker's reservations expire after this; its lease counts as lapsed
+    dead_after_s: float = 60.0  # a worker silent this long (Redis's clock) is presumed dead: its messages run again
     safety_margin_mib: int = 512  # kept free on every GPU beyond what tasks declare
     max_memory_percent: float = 90.0  # CPU workers pause intake above this host memory use ...
     max_load_per_thread: float = 4.0  # ... or above this 1-minute load average per CPU thread
@@ -189,6 +190,19 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
         task_groups=groups,
         queues=queues,
         tasks=data.get("tasks", {}),
-        admission=AdmissionConfig(**admission),
+        admission=_fenced(source, AdmissionConfig(**admission)),
         rebalance=RebalanceConfig(**data.get("rebalance", {})),
     )
+
+
+def _fenced(source: str, admission: AdmissionConfig) -> AdmissionConfig:
+    """A worker must never be presumed dead while its reservations stand: a stalled worker whose
+    messages run elsewhere still holds their memory, and would look free to the new copy."""
+    if admission.dead_after_s <= admission.reservation_ttl_s:
+        raise ConfigError(
+            source, "admission.dead_after_s",
+            f"{admission.dead_after_s:g} s is not above admission.reservation_ttl_s "
+            f"({admission.reservation_ttl_s:g} s)",
+            "set dead_after_s (or TASKMESH_DEAD_AFTER_S) well above the TTL; the default is 60",
+        )
+    return admission

@@ -128,6 +128,7 @@ _REBALANCE_SCHEMA = {
 }
 _ADMISSION_SCHEMA = {
     "reservation_ttl_s": _seconds,
+    "dead_after_s": _positive_number,
     "safety_margin": _mib,
     "max_memory_percent": _percent,
     "max_load_per_thread": _positive_number,
@@ -171,6 +172,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_GPU_POOL": ("queues.gpu.pool", _pool),
     "TASKMESH_DEFAULT_PROFILE": ("default_profile", _profile),
     "TASKMESH_RESERVATION_TTL_S": ("admission.reservation_ttl_s", _seconds),
+    "TASKMESH_DEAD_AFTER_S": ("admission.dead_after_s", _positive_number),
     "TASKMESH_ON_INFEASIBLE": ("admission.on_infeasible", _infeasible),
     "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _positive_number),
     "TASKMESH_VISIBILITY_TIMEOUT_S": ("admission.visibility_timeout_s", _positive_number),

@@ -36,6 +36,10 @@ class Admitted:
     reservation: str
     pools: tuple[str, ...]
     gpus: tuple[str, ...]
+    amounts: tuple[int, ...]  # per pool: what the heartbeat writes back if the ledger loses it
+
+    def claims(self) -> dict[str, int]:
+        return dict(zip(self.pools, self.amounts, strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,14 +143,16 @@ class Gate:
         taken, refusals = self.ledger.reserve_first(reservation, options)
         if taken is None:
             return Wait("; ".join(f"ledger: {r}" for r in refusals))
-        return Admitted(reservation, tuple(c.pool for c in options[taken]), tuple(g.uuid for _, g, _ in windows[taken]))
+        claims = options[taken]
+        return Admitted(reservation, tuple(c.pool for c in claims), tuple(g.uuid for _, g, _ in windows[taken]),
+                        tuple(c.amount for c in claims))
 
     def _reserve(self, reservation: str, claims: list[Claim]) -> Decision:
         """The CPU path: the host's claims only."""
         refusal = self.ledger.reserve(reservation, claims)
         if refusal is not None:
             return Wait(f"ledger: {refusal}")
-        return Admitted(reservation, tuple(c.pool for c in claims), ())
+        return Admitted(reservation, tuple(c.pool for c in claims), (), tuple(c.amount for c in claims))
 
     def pools(self) -> list[str]:
         return [gpu_pool(uuid) for uuid in self.known] + [host_threads_pool(self.host), host_memory_pool(self.host)]

@@ -34,15 +34,17 @@ class WorkerRecord:
     gpus: tuple[GpuRecord, ...]
     cpu_threads: int
     memory_total_mib: int
-    last_seen: float = 0.0
+    last_seen: float = 0.0  # the worker's own clock: for display only, never for liveness
     stopped: bool = False
+    lease_age_s: float | None = None  # since it last renewed its lease, by Redis's clock (None: no lease)
 
     @property
     def key(self) -> str:
         return f"{self.node}#{self.incarnation}"
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        """The stored form; the lease age is read from Redis, never stored."""
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "lease_age_s"})
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerRecord:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -36,7 +35,7 @@ from taskmesh.state.registry import Registry
 
 log = logging.getLogger(__name__)
 
-STATE_FRESH_WINDOWS = 3  # a state older than this many registry alive windows is a dead worker's
+STATE_FRESH_WINDOWS = 3  # a worker silent this many registry alive windows (Redis's clock) reports nothing
 GPU_LABELS = ("gpu", "UUID", "modelName", "Hostname")
 
 # Fleet counters (``taskmesh:counters``) exported even before anything has counted them,
@@ -57,6 +56,7 @@ KNOWN_COUNTERS = {
     "fallbacks": "Submissions sent to their fallback profile's queue",
     "rebalance_actions": "Actions the rebalancer took",
     "alerts_raised": "Alerts the rebalancer raised",
+    "duplicates_detected": "Tasks delivered again while the worker presumed dead still ran them (may have run twice)",
 }
 
 # Every family read at scrape time: name → (type, help, label names). ``describe()``
@@ -127,7 +127,7 @@ class TaskmeshCollector:
     def collect(self) -> Iterator[Metric]:
         up = family("taskmesh_broker_up")
         try:
-            families = self.families(time.time())  # all read before any is yielded: no half scrape
+            families = self.families()  # all read before any is yielded: no half scrape
         except redis.RedisError as exc:
             log.warning("scrape: cannot read the broker's Redis (%s); exporting taskmesh_broker_up 0", exc)
             up.add_metric([], 0)
@@ -137,11 +137,12 @@ class TaskmeshCollector:
         yield up
         yield from families
 
-    def families(self, now: float) -> list[Metric]:
-        workers = self.registry.workers(now)
-        alive = [r for r in workers if self.registry.is_alive(r, now)]
-        fresh_after = now - STATE_FRESH_WINDOWS * self.registry.alive_s
-        states = {node: s for node, s in self.registry.states().items() if s.get("updated", 0) >= fresh_after}
+    def families(self) -> list[Metric]:
+        workers = self.registry.workers()
+        alive = [r for r in workers if self.registry.is_alive(r)]
+        window = STATE_FRESH_WINDOWS * self.registry.alive_s
+        fresh = {r.node for r in workers if r.lease_age_s is not None and r.lease_age_s <= window}
+        states = {node: s for node, s in self.registry.states().items() if node in fresh}
         return [
             *self.queue_families(alive),
             *self.counter_families(),

@@ -21,15 +21,16 @@ from typing import Any
 from taskmesh.app.progress import eta_s
 from taskmesh.core.nodes import group_of, kind_of
 from taskmesh.core.records import WorkerRecord
-from taskmesh.state.keys import ALERTS, COUNTERS, NEED_QUEUES, PROGRESS, STATES, WORKERS
+from taskmesh.state.keys import ALERTS, COUNTERS, NEED_QUEUES, PROGRESS, STATES
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
 from taskmesh.state.queues import app_queue_depths
 from taskmesh.state.registry import Registry
 
 RECENT_RUNS = 5
 COUNTER_NAMES = (
-    "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued", "duplicates_skipped", "dead_lettered",
-    "queue_full", "infeasible", "fallbacks", "rebalance_actions", "alerts_raised",
+    "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued", "duplicates_skipped",
+    "dead_lettered", "duplicates_detected", "queue_full", "infeasible", "fallbacks", "rebalance_actions",
+    "alerts_raised",
 )
 
 
@@ -38,21 +39,18 @@ def collect_status(app: Any, now: float | None = None) -> dict[str, Any]:
     client = app.redis()
     now = time.time() if now is None else now
     with client.pipeline(transaction=False) as pipe:
-        pipe.hvals(WORKERS)
         pipe.hgetall(STATES)
         pipe.hgetall(COUNTERS)
         pipe.hgetall(NEED_QUEUES)
         pipe.hgetall(PROGRESS)
         pipe.hgetall(ALERTS)
         pipe.lrange(REBALANCE_RUNS, 0, -1)
-        raw_workers, raw_states, raw_counters, raw_need, raw_progress, raw_alerts, raw_runs = pipe.execute()
+        raw_states, raw_counters, raw_need, raw_progress, raw_alerts, raw_runs = pipe.execute()
 
     admission = app.taskmesh_config.admission
     registry = Registry(client, alive_s=admission.reservation_ttl_s, memory_s=admission.registry_memory_s)
-    records = _latest_per_node(
-        record for record in map(WorkerRecord.from_json, raw_workers) if now - record.last_seen <= registry.memory_s
-    )
-    alive = {node for node, record in records.items() if registry.is_alive(record, now)}
+    records = _latest_per_node(registry.workers())
+    alive = {node for node, record in records.items() if registry.is_alive(record)}
     states = {_text(node): _json(raw) or {} for node, raw in raw_states.items()}
     progress = {_text(tid): entry for tid, raw in raw_progress.items() if isinstance(entry := _json(raw), dict)}
     runs = [run for raw in raw_runs if isinstance(run := _json(raw), dict)]
@@ -112,7 +110,7 @@ def _worker(record: WorkerRecord, state: dict[str, Any], alive: bool, now: float
         "host": record.host,
         "alive": alive,
         "stopped": record.stopped,
-        "seen_s_ago": max(0.0, now - record.last_seen),
+        "seen_s_ago": max(0.0, now - record.last_seen if record.lease_age_s is None else record.lease_age_s),
         "queues": list(record.queues),
         "gpus": [gpu.uuid for gpu in record.gpus],
         "paused": bool(state.get("paused")) if alive else False,

@@ -8,13 +8,16 @@ script, so two workers racing for the last 10 GiB cannot both win; the same scri
 tries a worker's candidate GPUs in order and takes the first that fits. Expired entries
 are swept by the same scripts before anything is counted, which is how a worker that
 died without releasing loses its reservations: its holder refreshes them every few
-seconds while alive, and stops when it is not. The scripts are in ``lua/``.
+seconds while alive, and stops when it is not. A refresh also writes back what the
+ledger lost while the holder still runs (a stall past the TTL, a Redis restart, deleted
+keys), so the memory of running tasks is never forgotten for longer than a heartbeat.
+The scripts are in ``lua/``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import redis
 
@@ -69,12 +72,17 @@ class Ledger:
             pipe.zrem(f"{self.prefix}{pool}:expiry", reservation)
         pipe.execute()
 
-    def refresh(self, reservations: Sequence[str], pools: Iterable[str]) -> int:
-        """Push back the expiry of *reservations*; returns how many entries were found."""
-        pools = list(pools)
-        if not reservations or not pools:
-            return 0
-        return int(self._refresh(keys=self._keys(pools), args=[self.ttl_s, *reservations]))
+    def refresh(self, held: Mapping[str, Mapping[str, int]]) -> list[str]:
+        """Push back the expiry of what a worker holds (reservation id → pool → amount) and
+        write back what the ledger lost, even past a pool's capacity: the memory is in use, and
+        an over-full pool refuses new work until it drains. Returns the ids written back."""
+        pools: dict[str, int] = {}
+        packed = [[reservation, [[pools.setdefault(pool, len(pools) + 1), amount] for pool, amount in claims.items()]]
+                  for reservation, claims in held.items() if claims]
+        if not packed:
+            return []
+        recreated = self._refresh(keys=self._keys(pools), args=[self.ttl_s, json.dumps(packed)])
+        return [r.decode() if isinstance(r, bytes) else r for r in recreated]
 
     def used(self, pools: Sequence[str]) -> dict[str, int]:
         """What is reserved now in each pool (expired entries swept first)."""

@@ -11,7 +11,7 @@ operations against both and checks every answer is the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from taskmesh.core.claims import Claim, Refusal, Taken
 
@@ -59,16 +59,20 @@ class MemoryLedger:
         for pool in pools:
             self.pools.get(pool, {}).pop(reservation, None)
 
-    def refresh(self, reservations: Sequence[str], pools: Iterable[str]) -> int:
-        deadline = self.clock() + self.ttl_s
-        refreshed = 0
-        for pool in pools:
-            holders = self.pools.get(pool, {})
-            for reservation in reservations:
-                if reservation in holders:
-                    holders[reservation] = (holders[reservation][0], deadline)
-                    refreshed += 1
-        return refreshed
+    def refresh(self, held: Mapping[str, Mapping[str, int]]) -> list[str]:
+        now = self.clock()
+        recreated = []
+        for reservation, claims in held.items():
+            missing = False
+            for pool, amount in claims.items():
+                holders = self.pools.setdefault(pool, {})
+                kept = holders.get(reservation)
+                if kept is None or kept[1] <= now:  # lost or expired: written back, room or not
+                    kept, missing = (amount, now), True
+                holders[reservation] = (kept[0], now + self.ttl_s)
+            if missing:
+                recreated.append(reservation)
+        return recreated
 
     def used(self, pools: Sequence[str]) -> dict[str, int]:
         now = self.clock()

@@ -7,6 +7,15 @@ no hardware can ever run; the step reads it to find workers that died holding
 messages, so those are delivered again now rather than after Redis's visibility
 timeout (an hour or more for long GPU tasks).
 
+Liveness is a lease timed by Redis's clock, never a host's: each announce renews it
+(``lua/lease.lua`` stamps Redis ``TIME``), so clock skew between hosts changes nothing.
+A worker is *alive* while its lease is younger than the reservation TTL, and *presumed
+dead* — its messages delivered again — only once it is older than ``dead_after_s``,
+well beyond: a worker stalled by a GC pause, a VM freeze or a partition for less than
+that keeps its running tasks to itself. Presuming a worker dead (``lua/fence.lua``) is
+checked and done in one step; the messages then delivered again are recorded for the
+worker, which reads them at its next renewal if it was alive after all.
+
 "Seen" is kept far longer than "alive" on purpose: hardware scaled to zero a minute
 ago still exists for deciding whether a requirement is feasible.
 """
@@ -22,14 +31,27 @@ from typing import Any
 import redis
 
 from taskmesh.core.records import Capacity, WorkerRecord
-from taskmesh.state.keys import COUNTERS, INFLIGHT, NEED_QUEUES, RUNTIMES, STATES, WORKERS
+from taskmesh.state.client import lua
+from taskmesh.state.keys import COUNTERS, GIVEN_BACK, INFLIGHT, LEASES, NEED_QUEUES, RUNTIMES, STATES, WORKERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Renewal:
+    """What a worker learns when it renews its lease."""
+
+    age_s: float | None  # since its previous renewal, by Redis's clock; None: Redis had no lease for it
+    given_back: dict[str, str]  # delivery tag → task id, delivered again while it was presumed dead
 
 
 class Registry:
-    def __init__(self, client: redis.Redis, alive_s: float = 15.0, memory_s: float = 86400.0) -> None:
+    def __init__(self, client: redis.Redis, alive_s: float = 15.0, memory_s: float = 86400.0,
+                 dead_after_s: float = 60.0) -> None:
         self.client = client
         self.alive_s = alive_s
         self.memory_s = memory_s
+        self.dead_after_s = dead_after_s
+        self._renew = client.register_script(lua("lease"))
+        self._fence = client.register_script(lua("fence"))
 
     def announce(
         self,
@@ -38,10 +60,12 @@ class Registry:
         state: dict[str, Any] | None = None,
         counters: dict[str, int] | None = None,
         runtimes: dict[str, float] | None = None,
-    ) -> None:
-        """Say this worker is alive now, which delivery tags it holds, its state and new counts."""
+    ) -> Renewal:
+        """Renew this worker's lease and say which delivery tags it holds, its state and new
+        counts, all in one transaction (a renewal cannot be separated from what it announces)."""
         record = dataclasses.replace(record, last_seen=time.time(), stopped=False)
         pipe = self.client.pipeline(transaction=True)
+        self._renew(keys=[LEASES, GIVEN_BACK + record.key], args=[record.key], client=pipe)
         pipe.hset(WORKERS, record.key, record.to_json())
         if state is not None:
             pipe.hset(STATES, record.node, json.dumps({**state, "updated": record.last_seen}))
@@ -54,7 +78,9 @@ class Registry:
         tags = list(inflight)
         if tags:
             pipe.sadd(INFLIGHT + record.key, *tags)
-        pipe.execute()
+        age, given_back = pipe.execute()[0]
+        flat = [item.decode() for item in given_back]
+        return Renewal(float(age) if age else None, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def stopped(self, record: WorkerRecord) -> None:
         """A clean stop: Celery restores what the worker held, nothing to reclaim."""
@@ -64,24 +90,39 @@ class Registry:
         pipe.delete(INFLIGHT + record.key)
         pipe.execute()
 
-    def workers(self, now: float | None = None) -> list[WorkerRecord]:
-        """Workers seen within the memory window (forgetting older ones as it goes)."""
-        now = time.time() if now is None else now
+    def workers(self) -> list[WorkerRecord]:
+        """Workers seen within the memory window, each with its lease age by Redis's clock
+        (forgetting older ones as it goes; one with no lease by the age of its record)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hvals(WORKERS)
+        pipe.zrange(LEASES, 0, -1, withscores=True)
+        pipe.time()
+        raw, leases, (seconds, micros) = pipe.execute()
+        renewed = {key.decode(): score for key, score in leases}
+        server_now = seconds + micros / 1e6
         records, stale = [], []
-        for raw in self.client.hvals(WORKERS):
-            record = WorkerRecord.from_json(raw)
-            (stale if now - record.last_seen > self.memory_s else records).append(record)
+        for record in map(WorkerRecord.from_json, raw):
+            age = server_now - renewed[record.key] if record.key in renewed else None
+            record = dataclasses.replace(record, lease_age_s=age)
+            gone = age > self.memory_s if age is not None else time.time() - record.last_seen > self.memory_s
+            (stale if gone else records).append(record)
         if stale:
-            self.client.hdel(WORKERS, *[r.key for r in stale])
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hdel(WORKERS, *[r.key for r in stale])
+            pipe.zrem(LEASES, *[r.key for r in stale])
+            pipe.execute()
         return records
 
-    def is_alive(self, record: WorkerRecord, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        return not record.stopped and now - record.last_seen <= self.alive_s
+    def is_alive(self, record: WorkerRecord) -> bool:
+        """Its lease, as ``workers`` read it, is younger than the reservation TTL."""
+        return not record.stopped and record.lease_age_s is not None and record.lease_age_s <= self.alive_s
 
-    def dead_holding_messages(self, now: float | None = None) -> dict[str, list[str]]:
-        """Incarnation key → delivery tags, for workers that died (not stopped) holding messages."""
-        dead = [r.key for r in self.workers(now) if not r.stopped and not self.is_alive(r, now)]
+    def dead_holding_messages(self) -> dict[str, list[str]]:
+        """Incarnation key → delivery tags, for workers (not stopped) holding messages whose
+        lease has not been renewed for ``dead_after_s``. A worker with no lease at all is not
+        presumed dead: Redis losing its state says nothing about the worker."""
+        dead = [r.key for r in self.workers()
+                if not r.stopped and r.lease_age_s is not None and r.lease_age_s > self.dead_after_s]
         out = {}
         for key in dead:
             tags = [t.decode() for t in self.client.smembers(INFLIGHT + key)]
@@ -89,11 +130,21 @@ class Registry:
                 out[key] = tags
         return out
 
-    def forget_inflight(self, key: str) -> None:
-        self.client.delete(INFLIGHT + key)
+    def fence(self, key: str) -> list[str]:
+        """Presume *key* dead if its lease is still older than ``dead_after_s``; returns the
+        delivery tags it held, which the caller delivers again (``given_back``)."""
+        tags = self._fence(keys=[LEASES, INFLIGHT + key], args=[key, self.dead_after_s])
+        return [t.decode() for t in tags]
 
-    def capacity(self, now: float | None = None) -> Capacity:
-        return self.summarise(self.workers(now))
+    def given_back(self, key: str, tag: str, task_id: str) -> None:
+        """Record a message of *key* delivered again, for it to find should it come back."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(GIVEN_BACK + key, tag, task_id)
+        pipe.expire(GIVEN_BACK + key, max(1, int(self.memory_s)))
+        pipe.execute()
+
+    def capacity(self) -> Capacity:
+        return self.summarise(self.workers())
 
     @staticmethod
     def summarise(records: list[WorkerRecord]) -> Capacity:

@@ -29,6 +29,7 @@ from taskmesh.state.registry import Registry
 from taskmesh.worker import control, strategy
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.heartbeat import Heartbeat
+from taskmesh.worker.lease import Lease
 from taskmesh.worker.once import OnceGuard, keep_done_s
 from taskmesh.worker.report import Reporter
 
@@ -92,8 +93,9 @@ class AdmissionStep(bootsteps.StartStopStep):
             cpu_threads=inventory.cpu_threads,
             memory_total_mib=inventory.memory_total_mib,
         )
-        registry = Registry(client, alive_s=ttl, memory_s=config.admission.registry_memory_s)
-        return AdmissionController(c, gate, registry, incarnation=uuid.uuid4().hex)
+        registry = Registry(client, alive_s=ttl, memory_s=config.admission.registry_memory_s,
+                            dead_after_s=config.admission.dead_after_s)
+        return AdmissionController(c, gate, registry, incarnation=uuid.uuid4().hex, lease=Lease(ttl))
 
     def start(self, c: Any) -> None:
         if self.controller is None:
@@ -115,7 +117,7 @@ class AdmissionStep(bootsteps.StartStopStep):
     @staticmethod
     def _once_guard(app: Any, controller: AdmissionController) -> OnceGuard:
         claims = OnceClaims(controller.registry.client, holder=f"{controller.node}#{controller.incarnation}",
-                            ttl_s=app.taskmesh_config.admission.reservation_ttl_s, keep_done_s=keep_done_s(app))
+                            ttl_s=app.taskmesh_config.admission.dead_after_s, keep_done_s=keep_done_s(app))
         return OnceGuard(controller, claims)
 
     def _warn_if_untyped(self, c: Any) -> None:

@@ -29,6 +29,7 @@ from taskmesh.core.requirements import Requirement
 from taskmesh.hardware.pressure import host_pressure
 from taskmesh.state.registry import Registry
 from taskmesh.worker.intake import Intake
+from taskmesh.worker.lease import Lease
 from taskmesh.worker.strategy import is_revoked, live_request_ids
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,12 @@ class Held:
 
 
 class AdmissionController:
-    def __init__(self, consumer: Any, gate: Gate, registry: Registry, incarnation: str) -> None:
+    def __init__(self, consumer: Any, gate: Gate, registry: Registry, incarnation: str, lease: Lease) -> None:
         self.consumer = consumer
         self.gate = gate
         self.registry = registry
         self.incarnation = incarnation
+        self.lease = lease  # renewed by the heartbeat; no new work while it is in doubt
         self.node = consumer.hostname
         self.intake = Intake(consumer)
         self.lock = threading.Lock()
@@ -212,6 +214,11 @@ class AdmissionController:
     # --- intake ---------------------------------------------------------------------
 
     def _blocked(self) -> bool:
+        doubt = self.lease.doubt()
+        if doubt is None:
+            self.reasons.pop("lease", None)
+        else:
+            self.reasons["lease"] = doubt
         return any(kind != "waiting" for kind in self.reasons)
 
     def _update_intake(self) -> None:
@@ -267,9 +274,10 @@ class AdmissionController:
         with self.lock:
             return list(self.tags.values())
 
-    def held_reservations(self) -> list[str]:
+    def held_reservations(self) -> dict[str, dict[str, int]]:
+        """Reservation id → pool → amount, for every task admitted and not yet finished."""
         with self.lock:
-            return [run.admitted.reservation for run in self.reservations.values()]
+            return {run.admitted.reservation: run.admitted.claims() for run in self.reservations.values()}
 
     def release_all(self) -> None:
         """At shutdown: give every reservation back now rather than at its expiry."""

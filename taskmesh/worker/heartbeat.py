@@ -1,9 +1,15 @@
-"""The heartbeat thread: announce the worker, refresh its reservations, recover dead
-workers' messages.
+"""The heartbeat thread: renew the worker's lease and announce it, refresh (and write back)
+its reservations, recover dead workers' messages.
 
 A thread, not the event loop, so a ``solo`` worker busy with a long task is not
 mistaken for a dead one. It beats every ``HEARTBEAT_S``, and soon (coalesced, at
 most once per ``MIN_BEAT_S``) after what the worker holds changes.
+
+When a renewal shows the lease was lost (``worker.lease``), intake stays paused until
+the worker has announced itself again and re-created the reservations of what it still
+runs; what was given back elsewhere meanwhile is dropped if held, and reported as a
+possible duplicate if it runs or ran here. A worker recovers others' messages only once
+it has itself held its lease for ``dead_after_s`` without a break.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from taskmesh.state.client import broker_redis_url
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.recovery import reclaim_dead_workers
 from taskmesh.worker.report import Reporter
+from taskmesh.worker.strategy import live_request_ids
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
@@ -65,26 +72,83 @@ class Heartbeat:
                     log.warning("taskmesh heartbeat: broker %s reachable again after %d failed heartbeats (%.0fs)",
                                 self._broker(), failed_beats, time.monotonic() - failed_since)
                     failed_since, failed_beats = None, 0
-            controller.changed.wait(HEARTBEAT_S)
-            controller.changed.clear()
             self.stopping.wait(MIN_BEAT_S)
+            controller.changed.wait(HEARTBEAT_S - MIN_BEAT_S)
+            controller.changed.clear()
 
     def _broker(self) -> str:
         return maybe_sanitize_url(broker_redis_url(self.app))
 
     def beat(self) -> None:
-        """Registry, reservation refresh, dead workers' messages."""
+        """Lease and registry, reservation refresh, dead workers' messages."""
         c = self.controller
-        tags, reservations = c.held_tags(), c.held_reservations()
+        tags = c.held_tags()
         counters = dict(c.counters)
         deltas = {k: v - self._flushed[k] for k, v in counters.items() if k != "ticks"}
         with c.lock:
             runtimes, c.runtimes = c.runtimes, collections.Counter()
         state = self.reporter.state()
         self.reporter.announced_pool_size = state["pool"]["size"]
-        c.registry.announce(self.reporter.record(), tags, state=state, counters=deltas, runtimes=runtimes)
+        sent_at = time.monotonic()
+        renewal = c.registry.announce(self.reporter.record(), tags, state=state, counters=deltas, runtimes=runtimes)
         self._flushed.update(deltas)
-        c.gate.ledger.refresh(reservations, c.gate.pools())
+        lost, given_back = c.lease.renewed(renewal)
+        if lost:
+            c.consumer.call_soon(c.retry_held)  # pauses intake now, not at the next tick
+        if given_back:
+            c.consumer.call_soon(forget_given_back, c, given_back)
+        recreated = self.refresh()
         for refresh in self.refreshers:
             refresh()
-        reclaim_dead_workers(self.app, c.registry, c.registry.client)
+        c.lease.holds(sent_at)
+        if lost:
+            log.warning("this worker's lease was lost (%s): it took no new work until it announced itself again "
+                        "and re-created the reservations of the %d task(s) it runs", lost, len(c.reservations))
+            c.consumer.call_soon(c.retry_held)
+        elif recreated:
+            log.warning("re-created %d reservation(s) the ledger had lost (expired, a Redis restart or deleted "
+                        "keys) for tasks still running here: %s", len(recreated), ", ".join(recreated))
+        if c.lease.held_for() >= c.registry.dead_after_s:
+            reclaim_dead_workers(self.app, c.registry, c.registry.client)
+
+    def refresh(self) -> list[str]:
+        """Refresh what this worker holds, writing back what the ledger lost; returns what was
+        written back. A task that ended meanwhile may have released before the write: undone."""
+        c = self.controller
+        held = c.held_reservations()
+        recreated = c.gate.ledger.refresh(held)
+        still = c.held_reservations()
+        for reservation in recreated:
+            if reservation not in still:
+                c.gate.ledger.release(reservation, held[reservation])
+        return [r for r in recreated if r in still]
+
+
+def forget_given_back(controller: AdmissionController, given: dict[str, str]) -> None:
+    """On the event loop, where held messages start. Messages given back elsewhere are no
+    longer this worker's: a held copy is dropped (rejecting it is safe: the copy delivered
+    again has a new delivery tag, so this removes nothing of it); one that runs or ran here
+    is the duplicate at-least-once allows, counted and logged."""
+    kept: collections.deque[Any] = collections.deque()
+    dropped = set()
+    while controller.held:
+        held = controller.held.popleft()
+        if str(held.message.delivery_tag) in given:
+            held.message.reject(requeue=True)
+            dropped.add(str(held.message.delivery_tag))
+            log.warning("dropped held task %s: it was delivered again elsewhere", held.message.headers.get("id"))
+        else:
+            kept.append(held)
+    controller.held.extend(kept)
+    with controller.lock:
+        for tag, task_id in given.items():
+            if controller.tags.get(task_id) == tag:
+                del controller.tags[task_id]
+        running = set(controller.reservations) | live_request_ids()
+    for tag, task_id in given.items():
+        if tag not in dropped:
+            controller.counters["duplicates_detected"] += 1
+            log.warning("task %s was delivered again while this worker was presumed dead, and it %s here: "
+                        "it may run twice (counted in duplicates_detected)", task_id,
+                        "still runs" if task_id in running else "already ran")
+    controller.retry_held()

@@ -7,8 +7,9 @@ that must not run twice (a non-idempotent GPU job), the worker claims each run
 (``state.once``) before admission. A delivery whose run is done is acknowledged and
 counted (``duplicates_skipped``); one whose run another live holder has is *parked* —
 kept unacknowledged, outside the held line so nothing waits behind it — until that run
-is done (then skipped) or its holder is gone (then it runs). A parked message keeps one
-prefetch slot.
+is done (then skipped) or its holder is gone (then it runs). A claim lasts as long as a
+holder is not presumed dead (``admission.dead_after_s``), the same horizon after which
+its messages are given back. A parked message keeps one prefetch slot.
 """
 
 from __future__ import annotations

@@ -1,10 +1,16 @@
-"""Dead-worker recovery: the messages a dead worker held are delivered again now,
-through kombu's own ``restore_by_tag``, rather than after Redis's visibility timeout
-(an hour or more for long GPU tasks).
+"""Dead-worker recovery: the messages a worker presumed dead held are delivered again now
+rather than after Redis's visibility timeout (an hour or more for long GPU tasks).
 
-The registry says which workers stopped announcing while holding messages (their
-delivery tags); one process at a time (a short Redis lock) puts back those still in
-kombu's ``unacked`` hash and forgets the rest.
+The registry says which workers have not renewed their lease for ``dead_after_s`` while
+holding messages; one process at a time (a short Redis lock) fences each one
+(``Registry.fence``: still dead, checked and done in one step), puts back those of its
+messages still in kombu's ``unacked`` hash, and records each for the worker to find
+(``Registry.given_back``) should it have been alive after all.
+
+A message goes back under a new delivery tag. kombu keys ``unacked`` by the tag, which
+it assigns at publish and keeps across restores, so a worker presumed dead that was only
+stalled would otherwise, on acknowledging its own copy, delete the entry of the copy
+running elsewhere, and a crash of that worker would then lose the message.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import socket
 from typing import Any
 
 import redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+from kombu.utils.uuid import uuid
 
 from taskmesh.state.keys import JANITOR
 from taskmesh.state.registry import Registry
@@ -22,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def reclaim_dead_workers(app: Any, registry: Registry, client: redis.Redis) -> int:
-    """Give back the messages of workers that died holding them; returns how many."""
+    """Give back the messages of workers presumed dead; returns how many."""
     dead = registry.dead_holding_messages()
     if not dead or not client.set(JANITOR, socket.gethostname(), nx=True, ex=10):
         return 0
@@ -30,13 +39,40 @@ def reclaim_dead_workers(app: Any, registry: Registry, client: redis.Redis) -> i
     try:
         with app.connection_for_write() as conn:
             channel = conn.default_channel
-            for key, tags in dead.items():
+            for key in dead:
+                tags = registry.fence(key)
+                if not tags:
+                    continue  # it renewed its lease meanwhile: alive after all
+                again = 0
                 for tag in tags:
-                    if channel.client.hexists(channel.unacked_key, tag):
-                        channel.qos.restore_by_tag(tag, client=channel.client, leftmost=False)
-                        restored += 1
-                registry.forget_inflight(key)
-                log.warning("worker %s died holding %d message(s); delivered them again", key, len(tags))
+                    task_id = restore_as_new(channel, tag)
+                    if task_id is not None:
+                        registry.given_back(key, tag, task_id)
+                        again += 1
+                restored += again
+                log.warning("worker %s has not renewed its lease for over %gs (dead_after_s): presumed dead, "
+                            "%d of its message(s) delivered again", key, registry.dead_after_s, again)
     finally:
         client.delete(JANITOR)
     return restored
+
+
+def restore_as_new(channel: Any, tag: str) -> str | None:
+    """kombu's ``QoS.restore_by_tag``, but the message goes back under a fresh delivery tag;
+    returns its task id ("" if it has none), ``None`` if it was no longer unacknowledged."""
+    qos, found = channel.qos, []
+
+    def restore(pipe: Any) -> None:
+        found.clear()  # a retried transaction starts over
+        payload = pipe.hget(qos.unacked_key, tag)
+        pipe.multi()
+        qos._remove_from_indices(tag, pipe)
+        if payload:
+            message, exchange, routing_key = loads(bytes_to_str(payload))
+            message["properties"]["delivery_tag"] = uuid()
+            channel._do_restore_message(message, exchange, routing_key, pipe, False)
+            found[:] = [str((message.get("headers") or {}).get("id") or "")]
+
+    with channel.conn_or_acquire() as conn:
+        conn.transaction(restore, qos.unacked_key)
+    return found[0] if found else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -12,6 +13,12 @@ from taskmesh import create_app
 from taskmesh.app.placement import current_placement
 from taskmesh.core.claims import gpu_pool
 from taskmesh.state.ledger import Ledger
+
+#: A host whose clock is off: every ``time.time()`` in this worker process reads this far from the truth.
+CLOCK_SKEW_S = float(os.environ.get("TASKMESH_TEST_CLOCK_SKEW_S") or 0)
+if CLOCK_SKEW_S:
+    _true_time = time.time
+    time.time = lambda: _true_time() + CLOCK_SKEW_S
 
 app = create_app("tests.apps.gpu_app")
 RUNS = "test:runs"
@@ -27,6 +34,11 @@ def _run(task: Any, seconds: float, label: Any) -> dict[str, Any]:
 
 @app.task(bind=True, profile="gpu", vram="10GiB", time_limit=120)
 def ten_gib(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)
+
+
+@app.task(bind=True, profile="gpu", vram="20GiB", time_limit=120)
+def twenty_gib(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
     return _run(self, seconds, label)
 
 
