@@ -30,3 +30,8 @@ class QueueFull(TaskmeshError):
 
 class InfeasibleRequirement(TaskmeshError):
     """No hardware known to the registry can ever run the task; nothing was sent."""
+
+
+class MessageRefused(TaskmeshError):
+    """A worker refused a message it cannot run safely (its ``taskmesh`` header or its body
+    cannot be read); the task did not run. Stored as the task's result, so ``.get()`` says why."""

@@ -54,6 +54,8 @@ KNOWN_COUNTERS = {
     "fallbacks": "Submissions sent to their fallback profile's queue",
     "rebalance_actions": "Actions the rebalancer took",
     "alerts_raised": "Alerts the rebalancer raised",
+    "refused": "Messages a worker refused unrun (a taskmesh header, id or body it cannot read); see dead letters",
+    "unreadable": "Items on a worker's queues that were not kombu messages at all, dropped",
 }
 
 # Every family read at scrape time: name → (type, help, label names). ``describe()``

@@ -29,7 +29,7 @@ from taskmesh.state.registry import Registry
 RECENT_RUNS = 5
 COUNTER_NAMES = (
     "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued",
-    "queue_full", "infeasible", "fallbacks", "rebalance_actions", "alerts_raised",
+    "queue_full", "infeasible", "fallbacks", "rebalance_actions", "alerts_raised", "refused", "unreadable",
 )
 
 

@@ -26,6 +26,7 @@ REBALANCE_LOCK = "taskmesh:rebalance:lock"
 REBALANCE_RUNS = "taskmesh:rebalance:runs"  # the latest runs, newest first
 REBALANCE_RESIZED = "taskmesh:rebalance:resized"  # node → when its pool was last resized
 ALERTS = "taskmesh:alerts"  # alert key → JSON
+DEAD_LETTERS = "taskmesh:dead-letters"  # list, newest first: messages a worker refused, each with why
 
 
 def simulation_key(host: str) -> str:

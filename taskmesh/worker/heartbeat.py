@@ -13,12 +13,12 @@ import logging
 import threading
 from typing import Any
 
+from taskmesh.core.config_schema import HEARTBEAT_S
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.recovery import reclaim_dead_workers
 from taskmesh.worker.report import Reporter
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 2.0
 MIN_BEAT_S = 1.0
 
 
