@@ -19,7 +19,7 @@ Re-modelled here — simulation code standing in for the real thing:
 - the admission controller (``controller.py`` is not run): a message the gate answers
   ``Wait`` is held and the worker's intake pauses until one of its own tasks ends, when
   the held message is retried first; a ``Reroute`` republishes the message to its need
-  queue (registered in the real registry) and every worker whose GPU ``fits`` it
+  queue (registered in the real registry) and every worker whose GPU ``can_serve`` it
   subscribes. Reservation refresh, health checks and periodic announces are left out;
 - Celery and Redis: FIFO lists (one priority), BRPOP serving the worker blocked
   longest, one message per free pool slot (prefetch multiplier 1, late ack), round
@@ -45,8 +45,8 @@ from taskmesh.app.celery_app import create_app
 from taskmesh.core.claims import LedgerLike
 from taskmesh.core.errors import InfeasibleRequirement
 from taskmesh.core.gate import Admitted, Gate, Reroute
-from taskmesh.core.need_queues import fits
-from taskmesh.core.profiles import QUEUES, Profile
+from taskmesh.core.need_queues import can_serve
+from taskmesh.core.profiles import QUEUES
 from taskmesh.core.records import GpuRecord, WorkerRecord
 from taskmesh.core.requirements import Requirement
 from taskmesh.hardware.simulated import SimulatedProvider
@@ -181,13 +181,12 @@ class Simulation:
             else:
                 self._push(queue, job)
 
-    def _subscribe(self, need_queues: dict[str, tuple[int | None, tuple[int, int] | None]]) -> None:
+    def _subscribe(self, need_queues: dict[str, Requirement]) -> None:
         """Each worker consumes the need queues its GPU can run, as the admission controller does."""
         margin = self.config.safety_margin_mib
-        for name, (vram, cc) in need_queues.items():
-            need = Requirement(Profile.GPU_INTENSIVE, vram_mib=vram, min_compute_capability=cc, gpus=1)
+        for name, need in need_queues.items():
             for worker in self.workers:
-                if name not in worker.queues and fits(worker.gpu, need, margin):
+                if name not in worker.queues and can_serve([worker.gpu], need, margin):
                     worker.queues.append(name)
                     worker.record = dataclasses.replace(worker.record, queues=tuple(sorted(worker.queues)))
                     if worker.blocked:
@@ -254,9 +253,8 @@ class Simulation:
             self.out.reroutes += 1
             self.in_flight[self.delivered.pop(job)] -= 1  # the controller acks it once republished
             if decision.queue not in self.queues:
-                Registry(self.app.redis()).register_need_queue(
-                    decision.queue, requirement.vram_mib, requirement.min_compute_capability)
-                self._subscribe({decision.queue: (requirement.vram_mib, requirement.min_compute_capability)})
+                Registry(self.app.redis()).register_need_queue(decision.queue, requirement)
+                self._subscribe({decision.queue: requirement})
             self._push(decision.queue, job)
         else:
             self.out.waits += 1

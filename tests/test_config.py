@@ -173,3 +173,57 @@ def test_doctor_prints_inventory_and_exits_nonzero_on_a_bad_config(tmp_path):
                              text=True, env={**env, "TASKMESH_SIMULATE_GPUS": "garbage"})
     assert garbage.returncode == 2
     assert "TASKMESH_SIMULATE_GPUS: 'garbage' is not a GPU spec; write it like '2x24GiB'" in garbage.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("admission: {reservation_ttl_s: 0}", r"hw.yaml: admission.reservation_ttl_s: 0 is below 6 s \(3 worker "
+                                              r"heartbeats of 2 s\).*use 15 \(the default\) or at least 6$"),
+        ("admission: {reservation_ttl_s: 4}", r"hw.yaml: admission.reservation_ttl_s: 4 is below 6 s"),
+        ("admission: {registry_memory_s: 0}", r"hw.yaml: admission.registry_memory_s: 0 is not a positive number "
+                                              r"of seconds.*use 86400 \(a day, the default\)$"),
+        ("admission: {registry_memory_s: 10}", r"hw.yaml: admission.registry_memory_s: 10 is shorter than "
+                                               r"reservation_ttl_s \(15 s\).*; use 86400"),
+        ("rebalance: {interval_s: 0.001}", r"hw.yaml: rebalance.interval_s: 0.001 is below 0.5 s.*use 5 \(the "
+                                           r"default\) or at least 0.5$"),
+    ],
+)
+def test_dangerous_timings_are_refused_naming_the_key_and_a_safe_value(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(write(tmp_path, text + "\n"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "message"),
+    [
+        ("TASKMESH_RESERVATION_TTL_S", "1", r"TASKMESH_RESERVATION_TTL_S: 1 is below 6 s.*; set "
+                                            r"TASKMESH_RESERVATION_TTL_S to a valid value for admission"),
+        ("TASKMESH_REBALANCE_INTERVAL_S", "0.001", r"TASKMESH_REBALANCE_INTERVAL_S: 0.001 is below 0.5 s"),
+    ],
+)
+def test_dangerous_timings_from_the_environment_are_refused_too(tmp_path, monkeypatch, env, value, message):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, "{}\n"))
+
+
+def test_an_override_for_a_task_the_app_does_not_have_is_named_with_the_closest_task(tmp_path, caplog):
+    path = write(tmp_path, "tasks:\n  cfg.rendr: {vram: 8GiB}\n  cfg.render: {vram: 6GiB}\n  other.app.job: {}\n")
+    app = create_app("cfg", hardware=str(path))
+
+    @app.task(name="cfg.render", profile="gpu", vram="4GiB", shared=False)
+    def render():
+        return None
+
+    with caplog.at_level("WARNING", logger="taskmesh.app.celery_app"):
+        app.finalize()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "taskmesh.app.celery_app"]
+    assert warnings == [
+        f"{path}: tasks.cfg.rendr: no task of this app has this name, so the override changes nothing; "
+        "did you mean 'cfg.render'?",
+        f"{path}: tasks.other.app.job: no task of this app has this name, so the override changes nothing; "
+        "name a task this app registers (taskmesh doctor lists them)",
+    ]
+    assert render.requirement.vram_mib == 6144

@@ -87,6 +87,8 @@ def test_the_default_profile_is_configurable(monkeypatch):
         ({"priority": 11}, r"priority 11 is not valid; use taskmesh.Priority"),
         ({"urgency": 7}, r"urgency 7 is not valid; use a whole number 1-5"),
         ({"profile": "gpu", "fallback": "gpu_intensive"}, r"is the task's own profile"),
+        ({"profile": "gpu", "gpus": 0}, r"gpus=0 on profile 'gpu'; a GPU task needs gpus >= 1, or use a CPU profile"),
+        ({"profile": "cpu", "cpu_cores": 10**400}, r"cpu_cores 1000.* must be a positive number"),
     ],
 )
 def test_bad_declarations_fail_at_import_naming_the_task(app, options, message):

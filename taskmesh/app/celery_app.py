@@ -36,7 +36,7 @@ from taskmesh.app.dead_letters import connect_dead_letters
 from taskmesh.app.sending import prepare_send, requirement_by_name
 from taskmesh.app.task import TaskmeshTask, with_taskmesh
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
-from taskmesh.core.config import Config, load_config
+from taskmesh.core.config import Config, load_config, unknown_task_overrides
 from taskmesh.core.errors import ConfigError, RequirementError
 from taskmesh.core.profiles import QUEUES, Priority
 from taskmesh.core.requirements import REQUIREMENT_OPTIONS, Requirement
@@ -125,6 +125,16 @@ class TaskmeshCelery(Celery):
         return self._inventory
 
 
+def warn_unknown_task_overrides(sender: Any, **_: Any) -> None:
+    """A ``tasks:`` entry for a name this app does not register: one warning naming the file,
+    the key and the closest task. A warning, not an error: Celery's ``on_after_finalize``
+    swallows what its receivers raise, finalize can run in a producer before every task
+    module is imported, and one hardware file may serve several apps."""
+    app = sender
+    for problem in unknown_task_overrides(app.taskmesh_config, app.tasks):
+        log.warning("%s", problem)
+
+
 def create_app(
     main: str | None = None,
     broker: str | None = None,
@@ -172,6 +182,7 @@ def create_app(
         "visibility_timeout" in (celery_conf.get("broker_transport_options") or {})
     )
     app.on_after_finalize.connect(derive_visibility_timeout, weak=False)
+    app.on_after_finalize.connect(warn_unknown_task_overrides, weak=False)
     app.steps["consumer"].add("taskmesh.worker.bootstep:AdmissionStep")
     connect_empty_cache(app)
     connect_dead_letters(app)

@@ -146,6 +146,7 @@ def worker_view(record: WorkerRecord, state: Mapping[str, Any]) -> WorkerView:
         running=int(state.get("running") or 0),
         paused=bool(state.get("paused")),
         has_gpus=bool(record.gpus),
+        no_gpu=(state.get("reasons") or {}).get("no_gpu"),
     )
 
 

@@ -165,11 +165,11 @@ class SubmitPolicy:
                 self._warned.add(task_name)
                 log.warning("%s: no GPU worker has registered yet; queued on %s unchecked", task_name, queue)
             return queue
-        if explicit or fits_all:
+        if explicit or (fits_all and requirement.gpus == 1):
             return queue
-        name = need_queue(requirement)
+        name = need_queue(requirement)  # several GPUs at once: only a worker that sees that many may take it
         if name not in self._registered:
-            self.registry.register_need_queue(name, requirement.vram_mib, requirement.min_compute_capability)
+            self.registry.register_need_queue(name, requirement)
             self._registered.add(name)
         return name
 

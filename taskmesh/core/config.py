@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,11 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
     admission = dict(data.get("admission", {}))
     if "safety_margin" in admission:
         admission["safety_margin_mib"] = admission.pop("safety_margin")
+    ttl = admission.get("reservation_ttl_s", AdmissionConfig.reservation_ttl_s)
+    remembered = admission.get("registry_memory_s", AdmissionConfig.registry_memory_s)
+    if remembered < ttl:
+        raise ConfigError(source, "admission.registry_memory_s", f"{remembered:g} is shorter than reservation_ttl_s "
+                          f"({ttl:g} s): live workers' hardware would be forgotten", "use 86400 (a day, the default)")
     return Config(
         source=source,
         default_profile=data.get("default_profile", Profile.IO_BOUND),
@@ -206,3 +211,16 @@ def _fenced(source: str, admission: AdmissionConfig) -> AdmissionConfig:
             "set dead_after_s (or TASKMESH_DEAD_AFTER_S) well above the TTL; the default is 60",
         )
     return admission
+def unknown_task_overrides(config: Config, registered: Iterable[str]) -> list[ConfigError]:
+    """A ``tasks:`` entry naming no registered task overrides nothing: one error per such
+    entry, naming the closest registered task."""
+    names = sorted(set(registered))
+    problems = []
+    for name in config.tasks:
+        if name in names:
+            continue
+        close = difflib.get_close_matches(name, names, n=1)
+        fix = f"did you mean {close[0]!r}?" if close else "name a task this app registers (taskmesh doctor lists them)"
+        problems.append(ConfigError(config.source, f"tasks.{name}", "no task of this app has this name, so the "
+                                    "override changes nothing", fix))
+    return problems

@@ -8,16 +8,21 @@ and the closest valid key on any mistake.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from taskmesh.core.errors import ConfigError
 from taskmesh.core.gpus import parse_simulated_spec
+from taskmesh.core.header_fields import finite_number
 from taskmesh.core.profiles import QUEUES, Profile
 from taskmesh.core.requirements import REQUIREMENT_OPTIONS
 from taskmesh.core.sizes import SizeError, parse_mib
 
 POOLS = ("prefork", "threads", "solo", "gevent")
+HEARTBEAT_S = 2.0  # how often a worker announces itself and refreshes its reservations (worker/heartbeat.py)
+MIN_TTL_S = 3 * HEARTBEAT_S  # a reservation outlives two late heartbeats, so one slow beat gives nothing away
+MIN_REBALANCE_INTERVAL_S = 0.5
 
 
 # --- value checkers: each returns the converted value or raises ValueError(fix) ---
@@ -30,9 +35,10 @@ def _positive_int(value: Any) -> int:
 
 
 def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    number = finite_number(value)
+    if number is None or number <= 0:
         raise ValueError(f"{value!r} is not a positive number")
-    return float(value)
+    return number
 
 
 def _text(value: Any) -> str:
@@ -47,7 +53,10 @@ def _gib(value: Any) -> int:
             return parse_mib(value)
         except SizeError as exc:
             raise ValueError(str(exc)) from None
-    return round(_positive_number(value) * 1024)
+    mib = _positive_number(value) * 1024
+    if not math.isfinite(mib):
+        raise ValueError(f"{value!r} GB is more memory than can be counted")
+    return round(mib)
 
 
 def _pool(value: Any) -> str:
@@ -76,9 +85,42 @@ def _count(value: Any) -> int:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    number = finite_number(value)
+    if number is None or number < 0:
         raise ValueError(f"{value!r} is not a number of seconds >= 0")
-    return float(value)
+    return number
+
+
+def _ttl(value: Any) -> float:
+    seconds = _seconds(value)
+    if seconds < MIN_TTL_S:
+        raise ValueError(
+            f"{value!r} is below {MIN_TTL_S:g} s (3 worker heartbeats of {HEARTBEAT_S:g} s): a live worker's "
+            f"reservations and messages would be given away between its heartbeats; use 15 (the default) "
+            f"or at least {MIN_TTL_S:g}"
+        )
+    return seconds
+
+
+def _memory_s(value: Any) -> float:
+    number = finite_number(value)
+    if number is None or number <= 0:
+        raise ValueError(
+            f"{value!r} is not a positive number of seconds: with nothing remembered, no GPU counts as existing "
+            "and every feasibility check at submit is skipped; use 86400 (a day, the default)"
+        )
+    return number
+
+
+def _interval(value: Any) -> float:
+    seconds = _positive_number(value)
+    if seconds < MIN_REBALANCE_INTERVAL_S:
+        raise ValueError(
+            f"{value!r} is below {MIN_REBALANCE_INTERVAL_S:g} s: every run reads all queues and the registry, and "
+            f"runs that close together load Redis and move consumers before the last move shows; use 5 "
+            f"(the default) or at least {MIN_REBALANCE_INTERVAL_S:g}"
+        )
+    return seconds
 
 
 def _percent(value: Any) -> float:
@@ -121,19 +163,19 @@ def _home(value: Any) -> str | None:
 
 
 _REBALANCE_SCHEMA = {
-    "interval_s": _positive_number,
+    "interval_s": _interval,
     "mixed_home": _home,
     "hysteresis": _positive_number,
     "target_drain_s": _positive_number,
 }
 _ADMISSION_SCHEMA = {
-    "reservation_ttl_s": _seconds,
+    "reservation_ttl_s": _ttl,
     "dead_after_s": _positive_number,
     "safety_margin": _mib,
     "max_memory_percent": _percent,
     "max_load_per_thread": _positive_number,
     "on_infeasible": _infeasible,
-    "registry_memory_s": _seconds,
+    "registry_memory_s": _memory_s,
     "queue_full_wait_s": _seconds,
     "visibility_timeout_s": _positive_number,
 }
@@ -171,10 +213,10 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_MIXED_CONCURRENCY": ("queues.mixed.concurrency", _positive_int),
     "TASKMESH_GPU_POOL": ("queues.gpu.pool", _pool),
     "TASKMESH_DEFAULT_PROFILE": ("default_profile", _profile),
-    "TASKMESH_RESERVATION_TTL_S": ("admission.reservation_ttl_s", _seconds),
+    "TASKMESH_RESERVATION_TTL_S": ("admission.reservation_ttl_s", _ttl),
     "TASKMESH_DEAD_AFTER_S": ("admission.dead_after_s", _positive_number),
     "TASKMESH_ON_INFEASIBLE": ("admission.on_infeasible", _infeasible),
-    "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _positive_number),
+    "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _interval),
     "TASKMESH_VISIBILITY_TIMEOUT_S": ("admission.visibility_timeout_s", _positive_number),
 }
 #: every queue threshold too: TASKMESH_QUEUE_<QUEUE>_<KEY>, e.g. TASKMESH_QUEUE_GPU_MAX_DEPTH=500

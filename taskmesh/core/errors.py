@@ -34,3 +34,8 @@ class InfeasibleRequirement(TaskmeshError):
 
 class AppLoadError(TaskmeshError):
     """The app named by ``-A`` could not be imported; says why, where, and the fix."""
+
+
+class MessageRefused(TaskmeshError):
+    """A worker refused a message it cannot run safely (its ``taskmesh`` header or its body
+    cannot be read); the task did not run. Stored as the task's result, so ``.get()`` says why."""

@@ -13,6 +13,12 @@ default, sharing is declared.
 Three answers: ``Admitted`` (reserved; run it), ``Wait`` (not now; hold the message
 and pause intake), ``Reroute`` (this worker's GPUs can never fit it; send it to the
 queue of GPUs that can). A ``mixed`` task never waits for a GPU: it runs on CPU.
+
+Fail closed: a ``gpu`` task never runs on a worker that sees no GPU it fits. On a
+worker with no GPU at all (NVML missing, ``CUDA_VISIBLE_DEVICES`` naming nothing that
+exists, a CPU worker given one by ``queue=``) it goes to the ``gpu`` queue, which such
+a worker does not consume; only a task sent to its declared CPU fallback runs on CPU,
+and the controller gives the gate that fallback's requirement.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Wait:
 @dataclasses.dataclass(frozen=True)
 class Reroute:
     queue: str
+    reason: str = "this worker's GPUs can never fit it"
 
 
 Decision = Admitted | Wait | Reroute
@@ -113,8 +120,10 @@ class Gate:
         margin = self.config.safety_margin_mib
         possible = [g for g in gpus if fits(g, requirement, margin)]
         if len(possible) < requirement.gpus:
-            if requirement.profile is Profile.MIXED or not gpus:
+            if requirement.profile is Profile.MIXED:
                 return self._reserve(reservation, self.host_claims(requirement, cpu_path=True))
+            if not gpus:
+                return Reroute(Profile.GPU_INTENSIVE.queue, "this worker sees no GPU")
             return Reroute(need_queue(requirement))
         decision = self._reserve_gpus(requirement, reservation, [g for g in possible if g.healthy])
         if isinstance(decision, Wait) and requirement.profile is Profile.MIXED:

@@ -2,12 +2,17 @@
 
 A worker whose GPUs can never fit a task (too little memory, too old a compute
 capability) does not hold it: it publishes it to the queue named by what it needs
-(``gpu.40960MiB.cc9.0``), registers that queue, and acknowledges it. Every GPU worker
-whose GPUs could run what a registered need queue holds consumes it. Producers send
-such tasks there directly when the registry shows that only some GPUs fit.
+(``gpu.40960MiB.cc9.0``; ``gpu.x2.10240MiB`` for a task that needs two GPUs at once),
+registers that queue, and acknowledges it. Every GPU worker that sees enough GPUs that
+could run what a registered need queue holds consumes it. The count is part of the
+name: a worker with one GPU never consumes a two-GPU queue, so such a task is never
+bounced back to it. Producers send such tasks there directly when the registry shows
+that only some GPUs fit, or when the task needs more than one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from taskmesh.core.gpus import GpuInfo
 from taskmesh.core.profiles import Profile
@@ -17,6 +22,8 @@ from taskmesh.core.requirements import Requirement
 def need_queue(requirement: Requirement) -> str:
     """The queue for GPU tasks that only some GPUs can run, named by what they need."""
     parts = ["gpu"]
+    if requirement.gpus > 1:
+        parts.append(f"x{requirement.gpus}")
     if requirement.vram_mib:
         parts.append(f"{requirement.vram_mib}MiB")
     if requirement.min_compute_capability:
@@ -29,9 +36,10 @@ def family(queue: str) -> str:
     return queue.split(".", 1)[0] if queue.startswith("gpu.") else queue
 
 
-def need_of(vram_mib: int | None, compute_capability: tuple[int, int] | None) -> Requirement:
+def need_of(vram_mib: int | None, compute_capability: tuple[int, int] | None, gpus: int = 1) -> Requirement:
     """The requirement a registered need queue stands for."""
-    return Requirement(Profile.GPU_INTENSIVE, vram_mib=vram_mib, min_compute_capability=compute_capability, gpus=1)
+    return Requirement(Profile.GPU_INTENSIVE, vram_mib=vram_mib, min_compute_capability=compute_capability,
+                       gpus=gpus)
 
 
 def fits(gpu: GpuInfo, requirement: Requirement, margin_mib: int) -> bool:
@@ -39,3 +47,8 @@ def fits(gpu: GpuInfo, requirement: Requirement, margin_mib: int) -> bool:
     if requirement.min_compute_capability and gpu.compute_capability < requirement.min_compute_capability:
         return False
     return requirement.vram_mib is None or requirement.vram_mib <= gpu.memory_total_mib - margin_mib
+
+
+def can_serve(gpus: Iterable[GpuInfo], need: Requirement, margin_mib: int) -> bool:
+    """Whether enough of *gpus* could ever run *need* together (its GPU count included)."""
+    return sum(1 for g in gpus if fits(g, need, margin_mib)) >= need.gpus

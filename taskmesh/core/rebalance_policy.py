@@ -17,7 +17,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 from taskmesh.core.config import Config
+from taskmesh.core.need_queues import family
 from taskmesh.core.nodes import kinds_of
+from taskmesh.core.profiles import Profile
 
 DEFAULT_RUNTIME_S = 1.0  # expected run time of a queue's tasks before any was observed
 MIXED_CAN_SERVE = ("gpu", "cpu_intensive", "cpu_light")
@@ -60,6 +62,7 @@ class WorkerView:
     running: int = 0
     paused: bool = False
     has_gpus: bool = False
+    no_gpu: str | None = None  # why a worker started on a GPU queue sees no GPU (it serves none)
 
     def serves(self, queue: str) -> bool:
         return queue in self.queues or self.assist == queue
@@ -88,11 +91,13 @@ def assist_moves(queues: Mapping[str, QueueView], workers: Sequence[WorkerView],
     for worker in workers:
         if kinds_of(worker.group) != ("mixed",):
             continue
-        views = [queues[q] for q in MIXED_CAN_SERVE if q in queues]
+        # a mixed worker that sees no GPU is never sent to serve GPU tasks: it would refuse them
+        servable = [q for q in MIXED_CAN_SERVE if worker.has_gpus or family(q) != Profile.GPU_INTENSIVE.queue]
+        views = [queues[q] for q in servable if q in queues]
         busiest = max(views, key=lambda v: v.drain_s, default=None)
         current = queues.get(worker.assist) if worker.assist else None
         if busiest is None or busiest.expected_work_s == 0:
-            target = home if home in queues else None
+            target = home if home in queues and home in servable else None
             why = "nothing waits; back home" if target else "nothing waits"
         elif current is not None and current.expected_work_s > 0 and (
             busiest.drain_s < config.rebalance.hysteresis * current.drain_s
@@ -188,6 +193,9 @@ def alerts(queues: Mapping[str, QueueView], workers: Sequence[WorkerView], confi
                                   f"oldest waited {view.oldest_age_s:.0f}s > {cfg.alert_age_s:.0f}s",
                                   queue=view.name, kind="age"))
     for worker in workers:
+        if worker.no_gpu:
+            found.append(Decision("alert", f"no_gpu:{worker.node}", f"started on a GPU queue but sees no GPU: "
+                                  f"{worker.no_gpu}", kind="no_gpu"))
         if worker.unhealthy_gpus:
             found.append(Decision("alert", f"gpu_unhealthy:{worker.node}",
                                   f"unhealthy: {', '.join(worker.unhealthy_gpus)}", kind="gpu_unhealthy"))

@@ -6,6 +6,10 @@ in the message, not a GPU queue at 3 a.m.
 
 The requirement travels in the message headers (``to_header``/``from_header``) so
 any worker — or the rebalancer — can read it without importing the task's module.
+A header is input from the wire (``send_task(headers=...)``, another producer), so
+``from_header`` checks every field ``to_header`` writes and raises ``RequirementError``
+naming the field, never anything else; fields it does not know are ignored, so a
+newer producer's additions do not stop an older worker.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from taskmesh.core.errors import RequirementError
+from taskmesh.core.header_fields import HeaderFields, finite_number, shown
 from taskmesh.core.profiles import Priority, Profile
 from taskmesh.core.sizes import SizeError, parse_mib
 
@@ -72,6 +77,10 @@ class Requirement:
         memory = _size(task, "memory", options.get("memory"))
         cc = _compute_capability(task, options.get("min_compute_capability"))
         gpus = _whole(task, "gpus", options.get("gpus", 1 if profile.uses_gpu else 0), minimum=0)
+        if profile.uses_gpu and gpus == 0:  # it would run as a CPU task, with nothing reserved on any GPU
+            raise RequirementError(
+                task, f"gpus=0 on profile {profile.queue!r}; a GPU task needs gpus >= 1, or use a CPU profile"
+            )
         if not profile.uses_gpu:
             for name, given in (("vram", vram), ("min_compute_capability", cc)):
                 if given is not None:
@@ -95,9 +104,7 @@ class Requirement:
                     task, f"fallback {fallback.queue!r} is the task's own profile; name another one"
                 )
         cores = options.get("cpu_cores")
-        if cores is not None and (
-            isinstance(cores, bool) or not isinstance(cores, (int, float)) or cores <= 0
-        ):
+        if cores is not None and ((number := finite_number(cores)) is None or number <= 0):
             raise RequirementError(task, f"cpu_cores {cores!r} must be a positive number such as 2 or 0.5")
         exclusive = options.get("exclusive", False)
         if not isinstance(exclusive, bool):
@@ -134,16 +141,42 @@ class Requirement:
         return out
 
     @classmethod
-    def from_header(cls, header: Mapping[str, Any]) -> Requirement:
-        """Inverse of ``to_header``; trusts the producer (it validated at import)."""
-        values = dict(header)
-        values["profile"] = Profile.parse(values.get("profile", Profile.IO_BOUND))
-        if values.get("fallback") is not None:
-            values["fallback"] = Profile.parse(values["fallback"])
-        if values.get("min_compute_capability") is not None:
-            values["min_compute_capability"] = tuple(values["min_compute_capability"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def from_header(cls, header: object, task: str = "(unnamed)") -> Requirement:
+        """Inverse of ``to_header``; raises ``RequirementError`` naming *task* and the field."""
+        if not isinstance(header, Mapping):
+            raise RequirementError(task, f"header 'taskmesh' is {shown(header)}, not a mapping of requirement fields")
+        read = HeaderFields(task, header)
+        profile = read.profile("profile", Profile.IO_BOUND)
+        fallback = read.profile("fallback", None)
+        requirement = cls(
+            profile=profile,
+            vram_mib=read.whole("vram_mib", None, minimum=1, unit=" of MiB"),
+            min_compute_capability=read.compute_capability(),
+            cpu_cores=read.positive_number("cpu_cores"),
+            cpu_threads=read.whole("cpu_threads", 1, minimum=1),
+            memory_mib=read.whole("memory_mib", None, minimum=1, unit=" of MiB"),
+            gpus=read.whole("gpus", 1 if profile.uses_gpu else 0, minimum=1 if profile.uses_gpu else 0),
+            exclusive=read.flag("exclusive"),
+            fallback=fallback,
+            model=read.name("model"),
+            priority=read.priority(),
+        )
+        if not profile.uses_gpu and (requirement.gpus or requirement.vram_mib or requirement.min_compute_capability):
+            raise RequirementError(
+                task, f"header 'taskmesh' asks for GPU resources on profile {profile.queue!r}, which runs on no GPU"
+            )
+        if fallback is profile:
+            raise RequirementError(task, f"header 'taskmesh': fallback {fallback.queue!r} is the task's own profile")
+        return requirement
+
+    def as_fallback(self) -> Requirement:
+        """What the task needs when sent to its fallback profile: on a CPU profile, no GPU at all."""
+        if self.fallback is None:
+            return self
+        if self.fallback.uses_gpu:
+            return dataclasses.replace(self, profile=self.fallback, fallback=None)
+        return dataclasses.replace(self, profile=self.fallback, fallback=None, vram_mib=None,
+                                   min_compute_capability=None, gpus=0, exclusive=False)
 
 
 def _size(task: str, name: str, value: object) -> int | None:

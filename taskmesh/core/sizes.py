@@ -51,7 +51,7 @@ def parse_mib(value: object) -> int:
     unit = match["unit"].lower() or "mib"
     if unit not in _UNITS:
         raise SizeError(f"{value!r} has an unknown unit {match['unit']!r}; {HOW_TO_WRITE}")
-    if number <= 0:
+    if number <= 0 or not math.isfinite(number * _UNITS[unit]):
         raise SizeError(f"{value!r} is not a positive size; {HOW_TO_WRITE}")
     return math.ceil(number * _UNITS[unit] / 2**20)
 

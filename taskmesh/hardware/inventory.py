@@ -4,6 +4,10 @@ Detection (psutil, a ``GpuProvider``) fills whatever the config leaves out; what
 config states wins, so an operator can hand taskmesh less than the whole machine.
 For GPUs the config can only narrow what exists: ``count`` keeps the first N,
 ``memory_gb`` caps what the ledger may hand out per GPU (headroom for others).
+
+When a process can use no GPU, ``gpu_problem`` says why in words an operator can act
+on (NVML missing, ``CUDA_VISIBLE_DEVICES`` naming nothing that exists, MIG instances):
+the worker logs it at start, ``doctor`` prints it, and the worker's state carries it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class Inventory:
     memory_total_mib: int
     gpus: tuple[GpuInfo, ...]
     gpu_source: str
+    gpu_problem: str | None = None  # why this process may use no GPU, with the fix
 
     def describe(self) -> list[str]:
         lines = [
@@ -36,6 +41,8 @@ class Inventory:
             f"memory: {self.memory_total_mib // 1024} GiB",
             f"GPUs ({self.gpu_source}): {len(self.gpus) or 'none'}",
         ]
+        if self.gpu_problem:
+            lines.append(f"WARNING: no usable GPU: {self.gpu_problem}. GPU tasks will not run on this machine")
         return lines + [f"  {gpu.describe()}" for gpu in self.gpus]
 
 
@@ -62,6 +69,7 @@ def detect(config: Config, provider: GpuProvider | None = None) -> Inventory:
         memory_total_mib=memory,
         gpus=gpus,
         gpu_source=source,
+        gpu_problem=gpu_problem(provider, visible_gpu_uuids(provider)),
     )
 
 
@@ -81,3 +89,25 @@ def local_record(inventory: Inventory) -> WorkerRecord:
                  for g in inventory.gpus)
     return WorkerRecord(node="doctor", incarnation="", host="", queues=(), gpus=gpus,
                         cpu_threads=inventory.cpu_threads, memory_total_mib=inventory.memory_total_mib)
+def gpu_problem(provider: GpuProvider, visible: tuple[str, ...] | None) -> str | None:
+    """Why this process may use none of the GPUs *provider* reports (*visible*: what
+    ``CUDA_VISIBLE_DEVICES`` names), with the fix; ``None`` when it may use at least one."""
+    found = provider.snapshot()
+    unavailable = getattr(provider, "unavailable_reason", None)
+    if unavailable:
+        return (f"{unavailable}; install the NVIDIA driver and nvidia-ml-py (pip install 'taskmesh[gpu]'), "
+                "or simulate GPUs with TASKMESH_SIMULATE_GPUS=1x24GiB")
+    if not found:
+        return f"{type(provider).__name__} reports no GPU on this machine"
+    if visible is None or any(g.uuid in visible for g in found):
+        return None
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    uuids = ", ".join(g.uuid for g in found)
+    if not visible:
+        return f"CUDA_VISIBLE_DEVICES={value!r} gives this process no GPU; unset it or name GPUs ({uuids})"
+    mig = [e for e in visible if e.startswith("MIG-")]
+    if mig:
+        return (f"CUDA_VISIBLE_DEVICES names MIG instance(s) {', '.join(mig)}; taskmesh admits on whole GPUs "
+                f"only: name whole GPUs by UUID ({uuids})")
+    return (f"CUDA_VISIBLE_DEVICES={value!r} names no GPU found here (found: {uuids}); "
+            "name GPUs by index or by UUID as nvidia-smi -L prints them")

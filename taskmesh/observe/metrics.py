@@ -57,6 +57,8 @@ KNOWN_COUNTERS = {
     "rebalance_actions": "Actions the rebalancer took",
     "alerts_raised": "Alerts the rebalancer raised",
     "duplicates_detected": "Tasks delivered again while the worker presumed dead still ran them (may have run twice)",
+    "refused": "Messages a worker refused unrun (a taskmesh header, id or body it cannot read); see dead letters",
+    "unreadable": "Items on a worker's queues that were not kombu messages at all, dropped",
 }
 
 # Every family read at scrape time: name → (type, help, label names). ``describe()``

@@ -30,7 +30,7 @@ RECENT_RUNS = 5
 COUNTER_NAMES = (
     "admitted", "waits", "held", "pauses", "rerouted", "released", "requeued", "duplicates_skipped",
     "dead_lettered", "duplicates_detected", "queue_full", "infeasible", "fallbacks", "rebalance_actions",
-    "alerts_raised",
+    "alerts_raised", "refused", "unreadable",
 )
 
 

@@ -28,7 +28,7 @@ REBALANCE_LOCK = "taskmesh:rebalance:lock"
 REBALANCE_RUNS = "taskmesh:rebalance:runs"  # the latest runs, newest first
 REBALANCE_RESIZED = "taskmesh:rebalance:resized"  # node → when its pool was last resized
 ALERTS = "taskmesh:alerts"  # alert key → JSON
-DEAD_LETTERS = "taskmesh:dead-letters"  # task id → JSON: tasks that failed for good
+DEAD_LETTERS = "taskmesh:dead-letters"  # task id → JSON: tasks that failed for good, and messages refused unrun
 ONCE_PREFIX = "taskmesh:once:"  # + task id + ":" + retries: "running:<holder>" or "done" (once=True tasks)
 
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import redis
 
+from taskmesh.core.need_queues import need_of
 from taskmesh.core.records import Capacity, WorkerRecord
+from taskmesh.core.requirements import Requirement
 from taskmesh.state.client import lua
 from taskmesh.state.keys import COUNTERS, GIVEN_BACK, INFLIGHT, LEASES, NEED_QUEUES, RUNTIMES, STATES, WORKERS
 
@@ -158,14 +160,20 @@ class Registry:
             gpus=gpus,
         )
 
-    def register_need_queue(self, name: str, vram_mib: int | None, cc: tuple[int, int] | None) -> None:
-        self.client.hset(NEED_QUEUES, name, json.dumps({"vram_mib": vram_mib, "cc": list(cc) if cc else None}))
+    def register_need_queue(self, name: str, need: Requirement) -> None:
+        self.client.hset(NEED_QUEUES, name, json.dumps({
+            "vram_mib": need.vram_mib,
+            "cc": list(need.min_compute_capability) if need.min_compute_capability else None,
+            "gpus": need.gpus,
+        }))
 
-    def need_queues(self) -> dict[str, tuple[int | None, tuple[int, int] | None]]:
+    def need_queues(self) -> dict[str, Requirement]:
+        """Each registered need queue and what its GPUs must meet (one GPU where no count was stored)."""
         out = {}
         for name, raw in self.client.hgetall(NEED_QUEUES).items():
             data = json.loads(raw)
-            out[name.decode()] = (data["vram_mib"], tuple(data["cc"]) if data["cc"] else None)
+            cc = tuple(data["cc"]) if data["cc"] else None
+            out[name.decode()] = need_of(data["vram_mib"], cc, int(data.get("gpus") or 1))
         return out
 
     def states(self) -> dict[str, dict[str, Any]]:

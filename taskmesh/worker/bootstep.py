@@ -12,6 +12,7 @@ is missing against a typed ``taskmesh worker`` (``untyped_warning``).
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from typing import Any
@@ -28,6 +29,7 @@ from taskmesh.state.once import OnceClaims
 from taskmesh.state.registry import Registry
 from taskmesh.worker import control, strategy
 from taskmesh.worker.controller import AdmissionController
+from taskmesh.worker.envelope import guard_unreadable
 from taskmesh.worker.heartbeat import Heartbeat
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.once import OnceGuard, keep_done_s
@@ -110,8 +112,10 @@ class AdmissionStep(bootsteps.StartStopStep):
             self.heartbeat = Heartbeat(c.app, self.controller, self.reporter)
             self.heartbeat.refreshers.append(self.once.refresh)
             self.heartbeat.start()
+            _say_mixed_without_gpu(self.controller)
         c.taskmesh_admission = self.controller
-        self.controller.check()  # a sick GPU or a host under pressure takes nothing, from the start
+        guard_unreadable(c, lambda: self.controller.counters.update(("unreadable",)))
+        self.controller.check()  # a sick GPU, no GPU at all or a host under pressure: from the start
         self.timer_entry = c.timer.call_repeatedly(TICK_S, self._tick)
 
     @staticmethod
@@ -156,3 +160,13 @@ class AdmissionStep(bootsteps.StartStopStep):
             return {}
         state = self.reporter.state()
         return {"taskmesh_gpus": gpu_summary(state), "taskmesh": state} if state["gpus"] else {"taskmesh": state}
+
+
+def _say_mixed_without_gpu(controller: AdmissionController) -> None:
+    """A mixed worker with no GPU runs mixed tasks on CPU and hands GPU tasks on: say so once,
+    as a warning unless ``CUDA_VISIBLE_DEVICES=""`` shows it was planned that way."""
+    if controller.no_gpu is None or "mixed" not in controller.intake.consumed():
+        return
+    level = logging.INFO if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else logging.WARNING
+    log.log(level, "%s sees no GPU (%s): mixed tasks run on CPU; gpu tasks are sent to queue gpu",
+            controller.node, controller.no_gpu)

@@ -14,6 +14,8 @@ from typing import Any
 
 from celery.worker.control import control_command
 
+from taskmesh.core.need_queues import family
+from taskmesh.core.profiles import Profile
 from taskmesh.worker.controller import AdmissionController
 
 
@@ -39,6 +41,8 @@ def taskmesh_assist(state: Any, queue: str | None = None, **_: Any) -> dict[str,
     controller = getattr(state.consumer, "taskmesh_admission", None)
     if controller is None:
         return {"error": "this worker has no taskmesh admission step"}
+    if queue and controller.no_gpu is not None and family(queue) == Profile.GPU_INTENSIVE.queue:
+        return {"error": f"this worker sees no GPU ({controller.no_gpu}); it serves no GPU queue"}
     state.consumer.call_soon(controller.intake.set_assist, queue or None)
     return {"ok": f"assisting {queue or 'nothing'}"}
 

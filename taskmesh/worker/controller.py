@@ -5,6 +5,11 @@ fit yet (in arrival order, by ``core.held_line``), the reservations of admitted
 tasks and what was learned of their run times, and why intake is paused
 (``intake``). ``bootstep`` wires it into Celery; the decisions themselves are the
 ``Gate``'s.
+
+Fail closed: a message that cannot be read is refused (``refusal``) before anything
+is reserved, and a worker that sees no GPU consumes no GPU queue: it says why at
+start and in its state, and any GPU task it is handed anyway goes to the ``gpu``
+queue, which it does not consume, so nothing loops.
 """
 
 from __future__ import annotations
@@ -24,16 +29,20 @@ from taskmesh.core.activity import GpuActivity
 from taskmesh.core.gate import Admitted, Decision, Gate, Reroute, Wait
 from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
 from taskmesh.core.held_line import start_in_order
-from taskmesh.core.need_queues import fits, need_of
+from taskmesh.core.need_queues import can_serve, family
+from taskmesh.core.profiles import Profile
 from taskmesh.core.requirements import Requirement
+from taskmesh.hardware.inventory import gpu_problem
 from taskmesh.hardware.pressure import host_pressure
 from taskmesh.state.registry import Registry
 from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
+from taskmesh.worker.refusal import refuse, requirement_of
 from taskmesh.worker.strategy import is_revoked, live_request_ids
 
 log = logging.getLogger(__name__)
 RECONCILE_AFTER_S = 2.0
+NOT_PAUSING = ("waiting", "no_gpu")  # reasons that do not stop the worker's whole intake
 
 
 def _expired(expires: Any) -> bool:
@@ -82,15 +91,22 @@ class AdmissionController:
         self.subscribed: set[str] = set()
         self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
         self.pool_history: list[tuple[float, int]] = []  # (time, size) after each resize
+        self.no_gpu = None if gate.known else gpu_problem(gate.provider, gate.gpu_uuids) or "no GPU found"
 
     # --- messages -------------------------------------------------------------------
 
     def offer(self, message: Any, proceed: Callable[[], Any]) -> None:
-        """A message arrived: run it, hold it, or send it where it can run."""
-        header = message.headers.get(REQUIREMENT_HEADER)
-        # a producer that stamps nothing (plain Celery, another version): the task registered here says
-        task = self.consumer.app.tasks.get(message.headers.get("task")) if header is None else None
-        requirement = getattr(task, "requirement", None) or Requirement.from_header(header or {})
+        """A message arrived: run it, hold it, send it where it can run, or refuse it."""
+        try:
+            requirement = requirement_of(message)
+        except Exception as exc:  # whatever a message holds, it must not take the worker down
+            refuse(self.consumer, self.registry.client, message, exc)
+            self.counters["refused"] += 1
+            return
+        if message.headers.get(REQUIREMENT_HEADER) is None:
+            # a producer that stamps nothing (plain Celery, another version): the task registered here says
+            task = self.consumer.app.tasks.get(message.headers.get("task"))
+            requirement = getattr(task, "requirement", None) or requirement
         task_id = message.headers.get("id")
         with self.lock:
             self.tags[task_id] = str(message.delivery_tag)
@@ -118,7 +134,7 @@ class AdmissionController:
             self.reasons["waiting"] = decision.reason
             return False
         if isinstance(decision, Reroute):
-            self._reroute(message, decision.queue, held.requirement)
+            self._reroute(message, decision, held.requirement)
             return True
         message.headers[GPUS_HEADER] = list(decision.gpus)
         queue = (message.delivery_info or {}).get("routing_key")
@@ -136,9 +152,11 @@ class AdmissionController:
             self._requeue_held("this worker's GPUs are unhealthy")
         self._update_intake()
 
-    def _reroute(self, message: Any, queue: str, requirement: Requirement) -> None:
-        """Publish the message to the need queue of GPUs that can run it, then ack it here."""
-        self.registry.register_need_queue(queue, requirement.vram_mib, requirement.min_compute_capability)
+    def _reroute(self, message: Any, decision: Reroute, requirement: Requirement) -> None:
+        """Publish the message to the queue of GPUs that can run it, then ack it here."""
+        queue = decision.queue
+        if queue != Profile.GPU_INTENSIVE.queue:
+            self.registry.register_need_queue(queue, requirement)
         app = self.consumer.app
         with app.producer_or_acquire() as producer:
             producer.publish(
@@ -155,7 +173,9 @@ class AdmissionController:
         with self.lock:
             self.tags.pop(message.headers.get("id"), None)
         self.counters["rerouted"] += 1
-        log.info("task %s can never fit this worker's GPUs; sent to queue %s", message.headers.get("id"), queue)
+        level = logging.WARNING if queue == Profile.GPU_INTENSIVE.queue else logging.INFO
+        log.log(level, "task %s (%s): %s; sent to queue %s", message.headers.get("id"), message.headers.get("task"),
+                decision.reason, queue)
 
     def finished(self, task_id: str) -> None:
         """A request ended (any thread): release its reservation and let the line move."""
@@ -219,7 +239,7 @@ class AdmissionController:
             self.reasons.pop("lease", None)
         else:
             self.reasons["lease"] = doubt
-        return any(kind != "waiting" for kind in self.reasons)
+        return any(kind not in NOT_PAUSING for kind in self.reasons)
 
     def _update_intake(self) -> None:
         if self.intake.update(bool(self.held) or self._blocked(), self.reasons):
@@ -236,6 +256,8 @@ class AdmissionController:
 
     def check(self) -> None:
         """GPU health on GPU workers, host pressure on CPU workers; pauses or resumes intake."""
+        if self.no_gpu is not None:
+            self._refuse_gpu_queues()
         if self.gate.known:
             unhealthy = [g for g in self.gate.gpus() if not g.healthy]
             if unhealthy and len(unhealthy) == len(self.gate.known):
@@ -259,12 +281,23 @@ class AdmissionController:
         for task_id in stale:
             self.finished(task_id)
 
+    def _refuse_gpu_queues(self) -> None:
+        """Fail closed: a worker that sees no GPU consumes no GPU queue, and says why (at start,
+        and again whenever a GPU queue is added to it, e.g. after a reconnect or ``add_consumer``)."""
+        dropped = [q for q in self.intake.consumed() if family(q) == Profile.GPU_INTENSIVE.queue]
+        for queue in dropped:
+            self.intake.drop(queue)
+        if dropped:
+            self.reasons["no_gpu"] = f"{self.no_gpu}; not consuming {', '.join(dropped)}"
+            log.error("%s was started on %s but sees no GPU: %s. It takes no GPU work until restarted with a GPU; "
+                      "its GPU tasks wait in their queue for a worker that has one", self.node, ", ".join(dropped),
+                      self.no_gpu)
+
     def _subscribe_need_queues(self) -> None:
         if self.counters["ticks"] % 4 == 0:
             margin = self.gate.config.safety_margin_mib
-            for name, (vram, cc) in self.registry.need_queues().items():
-                if name not in self.subscribed and any(fits(g, need_of(vram, cc), margin)
-                                                       for g in self.gate.known.values()):
+            for name, need in self.registry.need_queues().items():
+                if name not in self.subscribed and can_serve(self.gate.known.values(), need, margin):
                     self.subscribed.add(name)
                     self.intake.add(name)
                     log.info("consuming %s: this worker's GPUs can run what it holds", name)

@@ -24,6 +24,7 @@ from typing import Any
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
+from taskmesh.core.config_schema import HEARTBEAT_S
 from taskmesh.state.client import broker_redis_url
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.recovery import reclaim_dead_workers
@@ -31,7 +32,6 @@ from taskmesh.worker.report import Reporter
 from taskmesh.worker.strategy import live_request_ids
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 2.0
 MIN_BEAT_S = 1.0
 
 

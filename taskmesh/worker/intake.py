@@ -36,6 +36,8 @@ class Intake:
         """Pause or resume as *should_pause* says; ``True`` when this call paused."""
         if should_pause and not self.paused_queues:
             self.paused_queues = [q.name for q in self.consumer.task_consumer.queues]
+            if not self.paused_queues:  # it consumes nothing: nothing to pause
+                return False
             for queue in self.paused_queues:
                 self.consumer.cancel_task_queue(queue)
             log.info("paused intake of %s: %s", self.paused_queues, why)
@@ -53,6 +55,15 @@ class Intake:
             self.paused_queues.append(queue)
         else:
             self.consumer.add_task_queue(queue)
+
+    def drop(self, queue: str) -> None:
+        """Stop consuming *queue* for good, paused or not (a GPU queue on a worker that sees no GPU)."""
+        if self.assist == queue:
+            self.assist = None
+        if queue in self.paused_queues:
+            self.paused_queues.remove(queue)
+        else:
+            self.consumer.cancel_task_queue(queue)
 
     def set_assist(self, queue: str | None) -> None:
         """Serve *queue* besides this worker's own (``None``: only its own), honouring a pause."""

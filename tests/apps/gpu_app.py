@@ -97,3 +97,9 @@ def retries_once(self, seconds: float = 0.3) -> dict[str, Any]:
 def overruns(self, seconds: float = 30.0) -> dict[str, Any]:
     """Killed by its hard time limit long before it would end."""
     return _run(self, seconds, None)
+
+
+@app.task(bind=True, profile="gpu", vram="4GiB", gpus=2, time_limit=120)
+def two_gpus(self, seconds: float = 0.2, label: Any = None) -> dict[str, Any]:
+    """Needs two GPUs at once: only a worker that sees two may run it."""
+    return _run(self, seconds, label)
