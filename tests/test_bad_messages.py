@@ -18,6 +18,7 @@ from datetime import datetime
 from decimal import Decimal
 
 import pytest
+from celery import Celery
 
 from taskmesh.core.errors import MessageRefused
 from taskmesh.state.dead_letters import dead_letters
@@ -77,10 +78,13 @@ def test_bad_requirement_headers_are_refused_one_line_each_and_the_worker_lives(
     while broker.llen(gpu_app.RUNS) < 1:
         assert time.monotonic() < deadline, "the neighbour task never started"
         time.sleep(0.1)
-    bad = [gpu_app.app.send_task(TEN_GIB, (0.1,), queue="gpu", headers={"taskmesh": header})
+    # A taskmesh producer stamps its own header for a task it knows; a plain Celery producer (or
+    # another version) sends whatever it is given, so the bad headers come from one.
+    plain = Celery("bad-producer", broker=gpu_app.app.conf.broker_url, set_as_current=False)
+    bad = [gpu_app.app.AsyncResult(plain.send_task(TEN_GIB, (0.1,), queue="gpu", headers={"taskmesh": header}).id)
            for header, _ in BAD_HEADERS]
     with pytest.raises(TypeError, match="not JSON serializable"):  # a set never leaves the producer
-        gpu_app.app.send_task(TEN_GIB, queue="gpu", headers={"taskmesh": {"profile": {"gpu"}}})
+        plain.send_task(TEN_GIB, queue="gpu", headers={"taskmesh": {"profile": {"gpu"}}})
 
     for result, (_, problem) in zip(bad, BAD_HEADERS, strict=True):
         with pytest.raises(MessageRefused) as refused:
@@ -107,7 +111,7 @@ def test_bad_requirement_headers_are_refused_one_line_each_and_the_worker_lives(
 
 def envelope(broker, gpu_app) -> dict:
     """A message exactly as kombu stores it on a Redis list: sent to a queue nobody consumes, taken back."""
-    gpu_app.app.send_task(CRUNCH, (0.1,), queue="parked")
+    gpu_app.app.send_task(CRUNCH, (0.1,), queue="parked", priority=0)  # priority 0: the bare list
     return json.loads(broker.rpop("parked"))
 
 

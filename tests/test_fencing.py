@@ -42,7 +42,7 @@ HOST = socket.gethostname()
 APP = "tests.apps.gpu_app"
 SPEC = "2x24GiB"
 UUIDS = [g.uuid for g in SimulatedProvider(SPEC).snapshot()]
-TTL_S = 4  # reservation_ttl_s in the stall tests: the lease must outlive two 2 s heartbeats
+TTL_S = 6  # reservation_ttl_s in the stall tests: the lease must outlive two 2 s heartbeats
 
 
 class Worker:
@@ -116,7 +116,7 @@ def stall_the_running_worker(gpu_app, broker, processes, tmp_path, dead_after_s:
 def test_a_worker_stalled_past_the_ttl_but_not_dead_after_s_keeps_its_task_and_its_memory(
         gpu_app, broker, processes, tmp_path):
     result, runner, spare, pool, ledger = stall_the_running_worker(
-        gpu_app, broker, processes, tmp_path, dead_after_s=14, stall_s=8)
+        gpu_app, broker, processes, tmp_path, dead_after_s=18, stall_s=10)
     # within a few heartbeats it re-creates the reservation of what it still runs
     wait_until(lambda: ledger.used([pool])[pool] == 10 * GIB, "the running task's 10 GiB reserved again", 10)
     assert result.get(timeout=60)["label"] == "long"
@@ -132,7 +132,7 @@ def test_a_worker_stalled_past_the_ttl_but_not_dead_after_s_keeps_its_task_and_i
 def test_with_dead_after_s_below_the_stall_the_task_runs_twice_and_the_duplicate_is_reported(
         gpu_app, broker, processes, tmp_path):
     result, runner, spare, pool, ledger = stall_the_running_worker(
-        gpu_app, broker, processes, tmp_path, dead_after_s=6, stall_s=12)
+        gpu_app, broker, processes, tmp_path, dead_after_s=8, stall_s=14)
     wait_until(lambda: runs(broker, gpu_app) == [result.id, result.id], "the spare ran it again", 30)
     wait_until(lambda: Registry(broker).counters().get("duplicates_detected") == 1, "the duplicate counted", 30)
     assert f"task {result.id}" in runner.output() and "may run twice" in runner.output()
