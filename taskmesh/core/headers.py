@@ -5,7 +5,21 @@ exporter read them straight from kombu's stored messages, so every reader must a
 on the spelling.
 """
 
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
 REQUIREMENT_HEADER = "taskmesh"  # the task's Requirement, as Requirement.to_header() writes it
 ENQUEUED_AT = "taskmesh_enqueued_at"  # time.time() at submit: the age of what waits
 GPUS_HEADER = "taskmesh_gpus"  # set by the worker on admission: the UUIDs of the GPUs given to the run
 FALLBACK_HEADER = "taskmesh_fallback_from"  # the queue a fallback move took the message from
+
+
+def enqueued_at(headers: Mapping[str, Any]) -> float | None:
+    """The submit time stamped in *headers*, or None if absent or not a finite number."""
+    stamp = headers.get(ENQUEUED_AT)
+    if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not math.isfinite(stamp):
+        return None
+    return float(stamp)

@@ -13,7 +13,10 @@ until kombu restores them. Every key carries the transport's ``global_keyprefix`
 Age comes from the ``taskmesh_enqueued_at`` header. kombu LPUSHes and consumers BRPOP,
 so index -1 is the next out and normally the oldest; but ``reject(requeue=True)``
 (Celery's answer to a lost worker) LPUSHes a message back at index 0, so both ends are
-read. The lists are read in one MULTI/EXEC round trip and the hash then by HSCAN, so a
+read. A message a worker holds back until its memory is free is in flight to kombu but
+waits all the same: the oldest such per queue, as live workers announce it
+(``Registry.held_since``), counts for the age too, so a task held an hour shows its hour.
+The lists are read in one MULTI/EXEC round trip and the hash then by HSCAN, so a
 message delivered in between can be counted twice for that instant.
 """
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import time
 import types
 from collections.abc import Iterable, Mapping
@@ -31,9 +33,10 @@ from typing import Any
 import redis
 from celery import Celery
 
-from taskmesh.core.headers import ENQUEUED_AT, FALLBACK_HEADER, REQUIREMENT_HEADER
+from taskmesh.core.headers import FALLBACK_HEADER, REQUIREMENT_HEADER, enqueued_at
 from taskmesh.state.client import broker_client, lua
 from taskmesh.state.keys import PRIORITY_STEPS, SEP, UNACKED, layout, priority_key
+from taskmesh.state.registry import Registry
 
 __all__ = ["QueueDepth", "app_queue_depths", "move_fallbacks", "next_tasks", "queue_depths"]
 
@@ -45,7 +48,7 @@ class QueueDepth:
     queue: str
     waiting: int  # over every priority sub-list
     in_flight: int  # delivered, not yet acknowledged
-    oldest_age_s: float | None  # None when nothing waits or no waiting message is stamped
+    oldest_age_s: float | None  # None when nothing waits or is held, or none of it is stamped
     by_priority: Mapping[int, int] = dataclasses.field(hash=False)  # waiting per priority step
 
 
@@ -54,12 +57,10 @@ def _enqueued_at(raw: Any) -> float | None:
     if raw is None:
         return None
     try:
-        stamp = json.loads(raw)["headers"][ENQUEUED_AT]
+        headers = json.loads(raw)["headers"]
+        return enqueued_at(headers) if isinstance(headers, dict) else None
     except (ValueError, TypeError, KeyError, IndexError):
         return None
-    if isinstance(stamp, bool) or not isinstance(stamp, int | float) or not math.isfinite(stamp):
-        return None
-    return float(stamp)
 
 
 def _routing_key(raw: Any) -> str | None:
@@ -81,11 +82,13 @@ def queue_depths(
     unacked_key: str = UNACKED,
     now: float | None = None,
     count_in_flight: bool = True,
+    held_since: Mapping[str, float] | None = None,
 ) -> dict[str, QueueDepth]:
     """Depth of each of *queues*; the options mirror kombu's Redis transport options.
 
     ``count_in_flight=False`` skips the scan of the unacked hash (producers checking
-    ``max_depth`` need only what waits).
+    ``max_depth`` need only what waits). *held_since*: queue → the enqueue time of the
+    oldest message held back by a worker, for the age.
     """
     names = list(dict.fromkeys(queues))
     steps = list(dict.fromkeys(int(step) for step in priority_steps))
@@ -108,6 +111,8 @@ def queue_depths(
             waiting[queue][step] = int(length)
             stamps = [s for s in (_enqueued_at(next_out), _enqueued_at(last_in), first) if s is not None]
             first = min(stamps, default=None)
+        if (held := (held_since or {}).get(queue)) is not None:
+            first = held if first is None else min(first, held)
         age[queue] = None if first is None else max(0.0, now - first)
 
     in_flight = dict.fromkeys(names, 0)
@@ -164,7 +169,8 @@ def app_queue_depths(
     client: redis.Redis | None = None,
     count_in_flight: bool = True,
 ) -> dict[str, QueueDepth]:
-    """``queue_depths`` for a Celery app's Redis broker and transport options.
+    """``queue_depths`` for a Celery app's Redis broker and transport options, with the
+    messages its live workers hold back (unless ``count_in_flight=False``).
 
     *queues* defaults to the names in ``app.conf.task_queues``. Without *client*, one is
     opened on the broker for this call and closed after it.
@@ -172,12 +178,21 @@ def app_queue_depths(
     if queues is None:
         queues = [queue.name for queue in app.conf.task_queues or ()]
     if client is not None:
-        return queue_depths(client, queues, count_in_flight=count_in_flight, **layout(app))
+        return _app_depths(app, client, queues, count_in_flight)
     client = broker_client(app)
     try:
-        return queue_depths(client, queues, count_in_flight=count_in_flight, **layout(app))
+        return _app_depths(app, client, queues, count_in_flight)
     finally:
         client.close()
+
+
+def _app_depths(app: Celery, client: redis.Redis, queues: Iterable[str],
+                count_in_flight: bool) -> dict[str, QueueDepth]:
+    held = None
+    if count_in_flight:
+        config = getattr(app, "taskmesh_config", None)
+        held = Registry(client, alive_s=config.admission.reservation_ttl_s if config else 15.0).held_since()
+    return queue_depths(client, queues, count_in_flight=count_in_flight, held_since=held, **layout(app))
 
 
 def move_fallbacks(app: Celery, client: redis.Redis, source: str, target: str, limit: int) -> int:

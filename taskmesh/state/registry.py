@@ -180,6 +180,17 @@ class Registry:
         """Node → the last state its admission controller announced."""
         return {node.decode(): json.loads(raw) for node, raw in self.client.hgetall(STATES).items()}
 
+    def held_since(self, now: float | None = None) -> dict[str, float]:
+        """Queue → the enqueue time of the oldest message a live worker holds back until it fits."""
+        now = time.time() if now is None else now
+        oldest: dict[str, float] = {}
+        for state in self.states().values():
+            if now - float(state.get("updated") or 0) > self.alive_s:
+                continue  # a dead worker's messages go back to their queue, where they are counted
+            for queue, stamp in (state.get("held_since") or {}).items():
+                oldest[queue] = min(float(stamp), oldest.get(queue, float(stamp)))
+        return oldest
+
     def count(self, name: str, delta: int = 1) -> None:
         self.client.hincrby(COUNTERS, name, delta)
 

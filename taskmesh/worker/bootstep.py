@@ -2,7 +2,8 @@
 memory is really there, and pauses the worker's intake meanwhile.
 
 It builds this worker's ``AdmissionController`` once (a consumer step is stopped and
-started again on every broker reconnect, so ``start`` is re-entrant), publishes it as
+started again on every broker reconnect, so ``start`` is re-entrant, and ``stop`` lets
+go of the messages the dead channel delivered), publishes it as
 ``consumer.taskmesh_admission`` for the task strategy, runs the controller's tick on
 the consumer's timer, and starts the heartbeat thread. Registered on every app by
 ``create_app``; a plain ``celery worker`` gets it too, and is told once at start what it
@@ -33,6 +34,7 @@ from taskmesh.worker.envelope import guard_unreadable
 from taskmesh.worker.heartbeat import Heartbeat
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.once import OnceGuard, keep_done_s
+from taskmesh.worker.recovery import put_back
 from taskmesh.worker.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class AdmissionStep(bootsteps.StartStopStep):
             strategy.current = self.controller
             self.once = self._once_guard(c.app, self.controller)
             strategy.once_guard = self.once
+            strategy.admit_when_due(c, self.controller)
             self.reporter = Reporter(self.controller)
             self.heartbeat = Heartbeat(c.app, self.controller, self.reporter)
             self.heartbeat.refreshers.append(self.once.refresh)
@@ -115,6 +118,12 @@ class AdmissionStep(bootsteps.StartStopStep):
             _say_mixed_without_gpu(self.controller)
         c.taskmesh_admission = self.controller
         guard_unreadable(c, lambda: self.controller.counters.update(("unreadable",)))
+        if self.controller.let_go_tags:  # kombu put them back as the old channel closed, unless Redis was down
+            with c.app.connection_for_write() as conn:
+                restored = put_back(conn.default_channel, self.controller.let_go_tags)
+            if restored:
+                log.warning("put back %d held message(s) kombu could not restore as the connection dropped", restored)
+            self.controller.let_go_tags.clear()
         self.controller.check()  # a sick GPU, no GPU at all or a host under pressure: from the start
         self.timer_entry = c.timer.call_repeatedly(TICK_S, self._tick)
 
@@ -141,9 +150,12 @@ class AdmissionStep(bootsteps.StartStopStep):
         self.reporter.tick()
 
     def stop(self, c: Any) -> None:
+        """On every reconnect (Celery stops the consumer's steps after ``Consumer.on_close``) and at shutdown."""
         if self.timer_entry is not None:
             self.timer_entry.cancel()
             self.timer_entry = None
+        if self.controller is not None:
+            self.controller.let_go()
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)

@@ -10,6 +10,10 @@ Fail closed: a message that cannot be read is refused (``refusal``) before anyth
 is reserved, and a worker that sees no GPU consumes no GPU queue: it says why at
 start and in its state, and any GPU task it is handed anyway goes to the ``gpu``
 queue, which it does not consume, so nothing loops.
+A task is admitted when it is about to run: one that Celery schedules for later (an
+ETA, ``self.retry()``, a rate limit) is *deferred* on arrival with nothing reserved,
+and offered when Celery hands it to the pool (``due``); reserved on arrival, it would
+be reconciled away before it ran, as Celery does not count it as reserved meanwhile.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class Held:
     proceed: Callable[[], Any]
     requirement: Requirement
     since: float
+    give_back: Callable[[], Any]  # requeue it at the front of its queue, unacknowledged till now
 
 
 class AdmissionController:
@@ -84,6 +89,8 @@ class AdmissionController:
         self.held: collections.deque[Held] = collections.deque()
         self.reservations: dict[str, Running] = {}
         self.tags: dict[str, str] = {}  # task id → delivery tag of messages this worker holds
+        self.deferred: dict[str, float] = {}  # delivery tag → arrival (monotonic), of messages Celery schedules
+        self.let_go_tags: list[str] = []  # of held and deferred messages, when the consumer last stopped
         self.reasons: dict[str, str] = {}  # why intake is paused: kind → detail
         self.counters = collections.Counter()
         self.activity = GpuActivity()
@@ -95,8 +102,10 @@ class AdmissionController:
 
     # --- messages -------------------------------------------------------------------
 
-    def offer(self, message: Any, proceed: Callable[[], Any]) -> None:
-        """A message arrived: run it, hold it, send it where it can run, or refuse it."""
+    def offer(self, message: Any, proceed: Callable[[], Any], give_back: Callable[[], Any],
+              since: float | None = None) -> None:
+        """A message arrived (at *since*, monotonic; now if None): run it, hold it, send it where
+        it can run, or refuse it."""
         try:
             requirement = requirement_of(message)
         except Exception as exc:  # whatever a message holds, it must not take the worker down
@@ -111,12 +120,29 @@ class AdmissionController:
         with self.lock:
             self.tags[task_id] = str(message.delivery_tag)
         self.changed.set()
-        held = Held(message, proceed, requirement, time.monotonic())
+        held = Held(message, proceed, requirement, time.monotonic() if since is None else since, give_back)
         if self.held or self._blocked():
             self._hold(held)
             return
         if not self._try(held):
             self._hold(held)
+
+    def defer(self, message: Any) -> None:
+        """Celery will schedule *message*: it stays unacknowledged here, unreserved until ``due``."""
+        with self.lock:
+            self.tags[message.headers.get("id")] = str(message.delivery_tag)
+            if not (is_revoked(message.headers.get("id")) or _expired(message.headers.get("expires"))):
+                self.deferred[str(message.delivery_tag)] = time.monotonic()  # else Celery discards it at once
+        self.changed.set()
+
+    def due(self, message: Any, start: Callable[[], Any], give_back: Callable[[], Any]) -> bool:
+        """Celery hands *message*'s request to the pool; a deferred one is offered now (``True``)."""
+        with self.lock:
+            arrived = self.deferred.pop(str(message.delivery_tag), None)
+        if arrived is None:
+            return False
+        self.offer(message, start, give_back, since=arrived)  # Redis's visibility timeout counts from arrival
+        return True
 
     def _try(self, held: Held) -> bool:
         """Decide for *held*; ``False`` means it must wait."""
@@ -215,7 +241,7 @@ class AdmissionController:
 
         Redis delivers an unacknowledged message again once the timeout passes,
         counting from delivery; a message held that long would then run twice.
-        Requeued, it waits in the queue instead (at the back of the line).
+        Requeued, it waits in the queue instead, at the front: the head keeps its turn.
         """
         options = self.consumer.app.conf.broker_transport_options or {}
         limit = float(options.get("visibility_timeout", 3600)) / 2
@@ -223,13 +249,34 @@ class AdmissionController:
             self._requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
 
     def _requeue_held(self, why: str) -> None:
-        while self.held:
-            held = self.held.popleft()
-            held.message.reject(requeue=True)
+        while self.held:  # the last first, so that the line is back in its order at the front of the queue
+            held = self.held[-1]
+            held.give_back()  # if Redis is unreachable, what is left stays held, for ``let_go``
+            self.held.pop()
             with self.lock:
                 self.tags.pop(held.message.headers.get("id"), None)
             self.counters["requeued"] += 1
             log.warning("requeued task %s: %s", held.message.headers.get("id"), why)
+
+    def let_go(self) -> None:
+        """The consumer stops (lost connection, shutdown): kombu puts its channel's unacked messages back.
+
+        As Celery's ``Consumer.on_close`` drops its reserved requests, held and deferred
+        messages are let go unacknowledged, so the copy kombu put back is the only one;
+        intake, paused for the held line, resumes when the consumer starts again. Their
+        tags are kept for the bootstep to put back what kombu could not (Redis was down).
+        """
+        with self.lock:
+            count = len(self.held) + len(self.deferred)
+            self.let_go_tags += [str(held.message.delivery_tag) for held in self.held] + list(self.deferred)
+            self.held.clear()
+            self.deferred.clear()
+            self.tags = {tid: tag for tid, tag in self.tags.items() if tid in self.reservations}
+        self.reasons.pop("waiting", None)
+        self.changed.set()
+        if count:
+            log.warning("consumer stopped: let go of %d held or scheduled message(s); kombu delivers them again",
+                        count)
 
     # --- intake ---------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 class Parked:
     message: Any
     proceed: Callable[[], Any]
+    give_back: Callable[[], Any]
     key: str
 
 
@@ -48,7 +49,7 @@ class OnceGuard:
         self.keys: dict[str, str] = {}  # task id → claim key of the run this worker holds
         self.parked: list[Parked] = []
 
-    def offer(self, message: Any, proceed: Callable[[], Any]) -> None:
+    def offer(self, message: Any, proceed: Callable[[], Any], give_back: Callable[[], Any]) -> None:
         """Before admission: run it (through the controller), park it, or skip it."""
         headers = message.headers
         task_id = headers.get("id")
@@ -59,11 +60,11 @@ class OnceGuard:
         if answer == "done":
             self._skip(message, "it already ran")
         elif answer == "running" or (answer == "mine" and held_here):
-            self._park(Parked(message, proceed, key))
+            self._park(Parked(message, proceed, give_back, key))
         else:
             with self.controller.lock:
                 self.keys[task_id] = key
-            self.controller.offer(message, proceed)
+            self.controller.offer(message, proceed, give_back)
 
     def _park(self, parked: Parked) -> None:
         with self.controller.lock:
@@ -93,7 +94,7 @@ class OnceGuard:
                 with self.controller.lock:
                     self.controller.tags.pop(task_id, None)
                     self.keys[task_id] = entry.key
-                self.controller.offer(entry.message, entry.proceed)
+                self.controller.offer(entry.message, entry.proceed, entry.give_back)
             else:
                 self.parked.append(entry)
 

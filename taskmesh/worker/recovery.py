@@ -11,12 +11,16 @@ A message goes back under a new delivery tag. kombu keys ``unacked`` by the tag,
 it assigns at publish and keeps across restores, so a worker presumed dead that was only
 stalled would otherwise, on acknowledging its own copy, delete the entry of the copy
 running elsewhere, and a crash of that worker would then lose the message.
+
+A live worker whose broker connection dropped while Redis was down puts back its own
+held messages with ``put_back`` (kombu could not restore them as the channel closed).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -76,3 +80,15 @@ def restore_as_new(channel: Any, tag: str) -> str | None:
     with channel.conn_or_acquire() as conn:
         conn.transaction(restore, qos.unacked_key)
     return found[0] if found else None
+def put_back(channel: Any, tags: Iterable[str]) -> int:
+    """Put the messages still unacknowledged under *tags* back at the front of their queues; how many.
+
+    kombu's restore is one transaction per tag, so a message another process put back
+    first, or one that was acknowledged, is left alone.
+    """
+    restored = 0
+    for tag in tags:
+        if channel.client.hexists(channel.unacked_key, tag):
+            channel.qos.restore_by_tag(tag, client=channel.client, leftmost=False)
+            restored += 1
+    return restored

@@ -15,10 +15,22 @@ import socket
 import time
 from typing import Any
 
+from taskmesh.core.headers import enqueued_at
 from taskmesh.core.records import GpuRecord, WorkerRecord
 from taskmesh.worker.controller import AdmissionController
 
 EVENT_EVERY_S = 5.0
+
+
+def held_since(c: AdmissionController) -> dict[str, float]:
+    """Queue → the enqueue time of the oldest message in the held line (a copy: read off the loop)."""
+    oldest: dict[str, float] = {}
+    for held in tuple(c.held):
+        queue = (held.message.delivery_info or {}).get("routing_key")
+        stamp = enqueued_at(held.message.headers)
+        if queue and stamp is not None:
+            oldest[queue] = min(stamp, oldest.get(queue, stamp))
+    return oldest
 
 
 class Reporter:
@@ -84,6 +96,7 @@ class Reporter:
             "paused": c.intake.paused,
             "reasons": dict(c.reasons),
             "held": len(c.held),
+            "held_since": held_since(c),
             "running": len(c.reservations),
             "counters": dict(c.counters),
         }

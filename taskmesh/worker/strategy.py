@@ -8,6 +8,12 @@ a crash loses nothing. ``AdmittedRequest.acknowledge``/``reject`` (``TaskmeshTas
 release the reservation: every way a request ends — success, failure, retry, revoke,
 time limit, worker loss — passes through one of the two, after Celery has marked the
 request ready.
+
+A message Celery schedules for later (an ETA or countdown, a rate limit) goes on to it
+unadmitted, and ``admit_when_due`` offers its request when Celery hands it to the pool:
+``Consumer.on_task_request``, which the ETA timer and the rate-limit bucket call. (A
+``Request.execute_using_pool`` of ours would never be called: Celery's
+``create_request_cls`` subclasses the Request and overrides it.)
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
+
+from taskmesh.core.headers import GPUS_HEADER
 
 #: This worker process's controller and run-once guard (a worker process has one consumer); set by the bootstep.
 current: Any = None
@@ -63,11 +71,58 @@ def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any
         controller = getattr(consumer, "taskmesh_admission", None)
         if controller is None:
             return handler(message, body, ack, reject, callbacks, **kw)
+        if message.headers.get("eta") or _rate_limited(task, consumer):
+            controller.defer(message)
+            return handler(message, body, ack, reject, callbacks, **kw)
+
         def proceed() -> Any:
             return handler(message, body, ack, reject, callbacks, **kw)
 
+        def give_back() -> None:
+            requeue_at_front(message)
+
         if once and once_guard is not None:
-            return once_guard.offer(message, proceed)
-        return controller.offer(message, proceed)
+            return once_guard.offer(message, proceed, give_back)
+        return controller.offer(message, proceed, give_back)
 
     return on_message
+
+
+def _rate_limited(task: Any, consumer: Any) -> bool:
+    """Celery passes the task through its token bucket (the ``rate_limit`` control command may add one)."""
+    return not consumer.disable_rate_limits and consumer.task_buckets[task.name] is not None
+
+
+def admit_when_due(consumer: Any, controller: Any) -> None:
+    """Route Celery's hand-over of requests to the pool through *controller* (deferred ones only)."""
+    hand_over = consumer.on_task_request
+
+    def on_task_request(request: Request) -> None:
+        def start() -> None:
+            admitted = request.message.headers.get(GPUS_HEADER)
+            if admitted is not None:  # the request copied the headers on arrival, before admission
+                request.request_dict[GPUS_HEADER] = admitted
+            hand_over(request)
+
+        if not controller.due(request.message, start, lambda: _give_back(request)):
+            hand_over(request)
+
+    consumer.on_task_request = on_task_request
+
+
+def requeue_at_front(message: Any) -> None:
+    """Put a held *message* back where it was taken from, the front of its queue.
+
+    ``reject(requeue=True)`` LPUSHes it behind everything waiting; kombu's own restore
+    (as at a worker's shutdown) moves it from ``unacked`` to the front in one
+    transaction, and the ack then only clears the channel's record of it.
+    """
+    message.channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+    message.ack()
+
+
+def _give_back(request: Request) -> None:
+    """Requeue a held request Celery counts as reserved, and forget it as Celery would."""
+    requeue_at_front(request.message)
+    request.acknowledged = True
+    worker_state.task_ready(request)

@@ -29,7 +29,9 @@ def _run(task: Any, seconds: float, label: Any) -> dict[str, Any]:
     client = redis.Redis.from_url(app.conf.broker_url)
     client.rpush(RUNS, task.request.id)
     time.sleep(seconds)
-    return {**dataclasses.asdict(current_placement()), "label": label, "started": started, "ended": time.time()}
+    redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+    return {**dataclasses.asdict(current_placement()), "label": label, "started": started, "ended": time.time(),
+            "redelivered": redelivered}
 
 
 @app.task(bind=True, profile="gpu", vram="10GiB", time_limit=120)
@@ -83,14 +85,21 @@ def fails(self, seconds: float = 0.1) -> None:
 
 
 @app.task(bind=True, profile="gpu", vram="10GiB", time_limit=120)
-def retries_once(self, seconds: float = 0.3) -> dict[str, Any]:
-    """Asks for a retry at once; the retried run takes *seconds* and reports what its GPU had reserved."""
+def retries_once(self, seconds: float = 0.3, countdown: float = 0) -> dict[str, Any]:
+    """Asks for a retry *countdown* seconds later; the retried run takes *seconds* and then
+    reports what its GPU had reserved."""
     if not self.request.retries:
         _run(self, 0.0, 0)
-        raise self.retry(countdown=0)
+        raise self.retry(countdown=countdown)
     ran = _run(self, seconds, 1)
     pool = gpu_pool(ran["gpu_uuids"][0])
     return {**ran, "reserved_mib": Ledger(redis.Redis.from_url(app.conf.broker_url)).used([pool])[pool]}
+
+
+@app.task(bind=True, profile="gpu", vram="10GiB", rate_limit="6/m", time_limit=120)
+def rate_limited(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    """At most one start per ten seconds on a worker (Celery's token bucket)."""
+    return _run(self, seconds, label)
 
 
 @app.task(bind=True, profile="gpu", vram="10GiB", time_limit=0.3)

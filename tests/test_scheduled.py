@@ -1,0 +1,54 @@
+"""Tasks Celery schedules for later — a countdown or ETA, a ``self.retry()``, a rate
+limit — are admitted when they are about to run, not when they arrive: each holds its
+GPU memory while it runs, and two that do not fit together never overlap.
+
+Each scenario waits longer than ``RECONCILE_AFTER_S`` between arrival and start, the
+time after which a reservation whose request Celery does not hold as reserved is
+given back: a task admitted on arrival would run with nothing reserved.
+"""
+
+from __future__ import annotations
+
+import time
+
+from taskmesh.worker.controller import RECONCILE_AFTER_S
+
+from .test_admission import GIB, most_at_once, start_gpus
+
+GPU = "1x16GiB"  # room for one 10 GiB task at a time
+SLOTS = "2"  # two pool slots, so only the ledger keeps a second 10 GiB task from starting
+COUNTDOWN_S = RECONCILE_AFTER_S + 3
+
+
+def test_two_countdown_tasks_that_do_not_fit_together_never_overlap(gpu_app, processes):
+    start_gpus(processes, gpu_app.app, GPU, TASKMESH_GPU_SLOTS=SLOTS)
+    sent = time.time()
+    results = [gpu_app.ten_gib.apply_async((2.0,), {"label": i}, countdown=COUNTDOWN_S) for i in range(2)]
+    finished = [r.get(timeout=120) for r in results]
+    assert sorted(f["label"] for f in finished) == [0, 1]
+    assert min(f["started"] for f in finished) >= sent + COUNTDOWN_S - 0.5  # the countdown was kept
+    assert most_at_once(finished) == 1
+
+
+def test_a_task_retried_with_a_countdown_holds_its_reservation_while_it_runs(gpu_app, broker, processes):
+    start_gpus(processes, gpu_app.app, GPU, TASKMESH_GPU_SLOTS=SLOTS)
+    result = gpu_app.retries_once.delay(1.0, COUNTDOWN_S)
+    second = result.get(timeout=120)
+    assert second["label"] == 1
+    assert second["reserved_mib"] == 10 * GIB  # read by the retried run at the end of its run
+    assert [r.decode() for r in broker.lrange(gpu_app.RUNS, 0, -1)] == [result.id, result.id]
+
+
+def test_a_rate_limited_task_waits_for_memory_when_its_turn_comes(gpu_app, processes):
+    """The second ``rate_limited`` run is due ten seconds after the first, while an
+    unlimited 10 GiB task sent in between still runs: it must wait for that one."""
+    start_gpus(processes, gpu_app.app, GPU, TASKMESH_GPU_SLOTS=SLOTS)
+    limited = [gpu_app.rate_limited.delay(seconds, label=f"limited{i}") for i, seconds in enumerate((0.5, 2.0))]
+    limited[0].get(timeout=60)
+    time.sleep(1.0)
+    between = gpu_app.ten_gib.delay(12.0, label="between")
+    finished = [r.get(timeout=120) for r in [*limited, between]]
+    started = {f["label"]: f["started"] for f in finished}
+    assert started["limited1"] - started["limited0"] >= 9  # Celery's rate limit was kept
+    assert started["between"] < started["limited1"]  # the second limited run came due while it ran
+    assert most_at_once(finished) == 1
