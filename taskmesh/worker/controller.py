@@ -19,26 +19,21 @@ be reconciled away before it ran, as Celery does not count it as reserved meanwh
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-from celery.utils.time import maybe_iso8601, maybe_make_aware
-
 from taskmesh.core.activity import GpuActivity
-from taskmesh.core.gate import Admitted, Decision, Gate, Reroute, Wait
+from taskmesh.core.gate import Decision, Gate, Reroute, Wait
 from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
 from taskmesh.core.held_line import start_in_order
-from taskmesh.core.need_queues import can_serve, family
-from taskmesh.core.profiles import Profile
-from taskmesh.core.requirements import Requirement
 from taskmesh.hardware.inventory import gpu_problem
 from taskmesh.hardware.pressure import host_pressure
 from taskmesh.state.registry import Registry
+from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_need_queues
+from taskmesh.worker.held import Held, Running, expired
 from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.refusal import refuse, requirement_of
@@ -47,33 +42,6 @@ from taskmesh.worker.strategy import is_revoked, live_request_ids
 log = logging.getLogger(__name__)
 RECONCILE_AFTER_S = 2.0
 NOT_PAUSING = ("waiting", "no_gpu")  # reasons that do not stop the worker's whole intake
-
-
-def _expired(expires: Any) -> bool:
-    """Past the message's ``expires`` (ISO 8601, as Celery sends it)."""
-    try:
-        return expires is not None and maybe_make_aware(maybe_iso8601(expires)) < datetime.now(UTC)
-    except (TypeError, ValueError):
-        return False  # Celery's own Request reports a malformed one when it is handed over
-
-
-@dataclasses.dataclass(frozen=True)
-class Running:
-    """An admitted task: what it holds, and what is needed to learn its run time."""
-
-    admitted: Admitted
-    since: float  # monotonic, when handed to the pool
-    queue: str | None
-    task: str | None
-
-
-@dataclasses.dataclass
-class Held:
-    message: Any
-    proceed: Callable[[], Any]
-    requirement: Requirement
-    since: float
-    give_back: Callable[[], Any]  # requeue it at the front of its queue, unacknowledged till now
 
 
 class AdmissionController:
@@ -131,7 +99,7 @@ class AdmissionController:
         """Celery will schedule *message*: it stays unacknowledged here, unreserved until ``due``."""
         with self.lock:
             self.tags[message.headers.get("id")] = str(message.delivery_tag)
-            if not (is_revoked(message.headers.get("id")) or _expired(message.headers.get("expires"))):
+            if not (is_revoked(message.headers.get("id")) or expired(message.headers.get("expires"))):
                 self.deferred[str(message.delivery_tag)] = time.monotonic()  # else Celery discards it at once
         self.changed.set()
 
@@ -148,7 +116,7 @@ class AdmissionController:
         """Decide for *held*; ``False`` means it must wait."""
         message = held.message
         task_id = message.headers.get("id")
-        if is_revoked(task_id) or _expired(message.headers.get("expires")):
+        if is_revoked(task_id) or expired(message.headers.get("expires")):
             held.proceed()  # revoked or expired while held: Celery discards it, with nothing reserved
             return True
         if task_id in self.reservations:  # a retry delivered before its last run let go: that release would free it
@@ -160,7 +128,7 @@ class AdmissionController:
             self.reasons["waiting"] = decision.reason
             return False
         if isinstance(decision, Reroute):
-            self._reroute(message, decision, held.requirement)
+            reroute(self, message, decision, held.requirement)
             return True
         message.headers[GPUS_HEADER] = list(decision.gpus)
         queue = (message.delivery_info or {}).get("routing_key")
@@ -177,31 +145,6 @@ class AdmissionController:
         if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
             self._requeue_held("this worker's GPUs are unhealthy")
         self._update_intake()
-
-    def _reroute(self, message: Any, decision: Reroute, requirement: Requirement) -> None:
-        """Publish the message to the queue of GPUs that can run it, then ack it here."""
-        queue = decision.queue
-        if queue != Profile.GPU_INTENSIVE.queue:
-            self.registry.register_need_queue(queue, requirement)
-        app = self.consumer.app
-        with app.producer_or_acquire() as producer:
-            producer.publish(
-                message.body,
-                exchange=queue,
-                routing_key=queue,
-                declare=[app.amqp.queues[queue]],
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                headers=message.headers,
-                **{k: v for k, v in message.properties.items() if k in ("priority", "correlation_id", "reply_to")},
-            )
-        message.ack()
-        with self.lock:
-            self.tags.pop(message.headers.get("id"), None)
-        self.counters["rerouted"] += 1
-        level = logging.WARNING if queue == Profile.GPU_INTENSIVE.queue else logging.INFO
-        log.log(level, "task %s (%s): %s; sent to queue %s", message.headers.get("id"), message.headers.get("task"),
-                decision.reason, queue)
 
     def finished(self, task_id: str) -> None:
         """A request ended (any thread): release its reservation and let the line move."""
@@ -304,7 +247,7 @@ class AdmissionController:
     def check(self) -> None:
         """GPU health on GPU workers, host pressure on CPU workers; pauses or resumes intake."""
         if self.no_gpu is not None:
-            self._refuse_gpu_queues()
+            refuse_gpu_queues(self)
         if self.gate.known:
             unhealthy = [g for g in self.gate.gpus() if not g.healthy]
             if unhealthy and len(unhealthy) == len(self.gate.known):
@@ -313,7 +256,7 @@ class AdmissionController:
                     self._requeue_held("this worker's GPUs are unhealthy")
             else:
                 self.reasons.pop("unhealthy", None)
-            self._subscribe_need_queues()
+            subscribe_need_queues(self)
         elif pressure := host_pressure(self.gate.config, self.gate.cpu_threads):
             self.reasons["pressure"] = pressure
         else:
@@ -327,28 +270,6 @@ class AdmissionController:
             stale = [tid for tid, run in self.reservations.items() if run.since < cutoff and tid not in live]
         for task_id in stale:
             self.finished(task_id)
-
-    def _refuse_gpu_queues(self) -> None:
-        """Fail closed: a worker that sees no GPU consumes no GPU queue, and says why (at start,
-        and again whenever a GPU queue is added to it, e.g. after a reconnect or ``add_consumer``)."""
-        dropped = [q for q in self.intake.consumed() if family(q) == Profile.GPU_INTENSIVE.queue]
-        for queue in dropped:
-            self.intake.drop(queue)
-        if dropped:
-            self.reasons["no_gpu"] = f"{self.no_gpu}; not consuming {', '.join(dropped)}"
-            log.error("%s was started on %s but sees no GPU: %s. It takes no GPU work until restarted with a GPU; "
-                      "its GPU tasks wait in their queue for a worker that has one", self.node, ", ".join(dropped),
-                      self.no_gpu)
-
-    def _subscribe_need_queues(self) -> None:
-        if self.counters["ticks"] % 4 == 0:
-            margin = self.gate.config.safety_margin_mib
-            for name, need in self.registry.need_queues().items():
-                if name not in self.subscribed and can_serve(self.gate.known.values(), need, margin):
-                    self.subscribed.add(name)
-                    self.intake.add(name)
-                    log.info("consuming %s: this worker's GPUs can run what it holds", name)
-        self.counters["ticks"] += 1
 
     def held_tags(self) -> list[str]:
         with self.lock:
