@@ -3,9 +3,12 @@ worker internals.
 
 A consumer bootstep (``bootstep``) builds one ``AdmissionController`` per worker
 process; a custom task ``Strategy`` and ``Request`` (``strategy``) route every message
-through it before Celery runs it and tell it when a run ends; ``intake`` pauses and
-resumes the task consumer; ``heartbeat`` announces the worker, refreshes its
-reservations and triggers ``recovery`` of dead workers' messages; ``control`` holds
-the remote-control commands; ``report`` what ``inspect stats`` and events show. May
-import ``core``, ``hardware`` and ``state``.
+through it before Celery runs it (scheduled ones when they come due) and tell it when a
+run ends. ``refusal`` and ``envelope`` keep unreadable messages from reaching Celery;
+``once`` skips second deliveries of ``once=True`` runs; ``intake`` pauses and resumes
+the task consumer; ``gpu_queues`` decides which GPU queues it takes from; ``heartbeat``
+renews the worker's ``lease``, announces it, refreshes its reservations and triggers
+``recovery`` of dead workers' messages; ``control`` holds the remote-control commands;
+``report`` what ``inspect stats`` and events show. May import ``core``, ``hardware`` and
+``state``.
 """
