@@ -56,7 +56,7 @@ def broker_url(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return url
 
 
-def _bind(module, broker_url: str):
+def bind(module, broker_url: str):
     """Point a test app module at this session's Redis, with no state from another test."""
     module.app.conf.broker_url = broker_url
     module.app.conf.result_backend = broker_url
@@ -69,7 +69,7 @@ def e2e(broker_url: str):
     """``tests.apps.e2e_app``: one task per profile, each reporting where it ran."""
     from tests.apps import e2e_app
 
-    return _bind(e2e_app, broker_url)
+    return bind(e2e_app, broker_url)
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def gpu_app(broker_url: str):
     """``tests.apps.gpu_app``: GPU tasks of declared sizes, every run recorded in Redis."""
     from tests.apps import gpu_app
 
-    return _bind(gpu_app, broker_url)
+    return bind(gpu_app, broker_url)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from celery.exceptions import WorkerLostError
 
 from taskmesh.state.keys import COUNTERS
 
-from .conftest import ROOT, wait_for_workers
+from .conftest import ROOT, bind, wait_for_workers
 
 APP = "tests.apps.poison_app"
 
@@ -24,10 +24,7 @@ APP = "tests.apps.poison_app"
 def poison(broker_url: str):
     from tests.apps import poison_app
 
-    poison_app.app.conf.broker_url = broker_url
-    poison_app.app.conf.result_backend = broker_url
-    poison_app.app._submit_policy = None
-    return poison_app
+    return bind(poison_app, broker_url)
 
 
 def dlq(broker_url: str, *args: str) -> subprocess.CompletedProcess[str]:

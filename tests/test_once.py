@@ -17,7 +17,7 @@ import pytest
 
 from taskmesh.state.keys import COUNTERS, UNACKED
 
-from .conftest import queue_depth, wait_for_workers
+from .conftest import bind, queue_depth, wait_for_workers
 
 APP = "tests.apps.once_app"
 
@@ -26,10 +26,7 @@ APP = "tests.apps.once_app"
 def once_app(broker_url: str):
     from tests.apps import once_app
 
-    once_app.app.conf.broker_url = broker_url
-    once_app.app.conf.result_backend = broker_url
-    once_app.app._submit_policy = None
-    return once_app
+    return bind(once_app, broker_url)
 
 
 def runs(broker, task_id: str) -> int:
