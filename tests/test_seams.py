@@ -347,3 +347,21 @@ def test_registry_records_with_unknown_or_missing_optional_fields_are_read(gpu_a
     assert WorkerRecord.from_json(json.dumps({**raw, "last_seen": 5})).last_seen == 5
     gpu_app.forty_gib.delay()  # the producer reads the registry: 80 GiB seen, so 40 GiB is feasible
     assert queue_depth(broker, "gpu") == 1
+
+
+def test_a_chain_of_groups_whose_chord_header_is_one_group_is_sent(broker_url, broker):
+    """Celery turns ``chain(a, group(...), group(...), b)`` into chords whose header is a group
+    signature, not a list; the caller's canvas check must walk it (Celery's own
+    test_chain_of_two_groups_as_tuple_holds_each_task_once broke on it)."""
+    app = create_app("seams-chord-header", broker=broker_url)
+
+    @app.task(profile="cpu")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(profile="cpu")
+    def tsum(values: list[int]) -> int:
+        return sum(values)
+
+    chain(add.si(1, 0), group(add.s(1), add.s(2)), group(tsum.s(), tsum.s()), tsum.s(), add.s(1)).apply_async()
+    assert queue_depth(broker, "cpu_intensive") == 1  # the first step is sent; the rest travels with it

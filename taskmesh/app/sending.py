@@ -108,6 +108,8 @@ def _flatten(signature: Any, app: Any) -> Iterator[Any]:
     if tasks is None:
         yield signature
         return
+    if isinstance(tasks, dict):  # a chord's header can be one group signature, not a list of them
+        tasks = [tasks]
     for inner in tasks:
         yield from _flatten(maybe_signature(inner, app=app), app)
     body = getattr(signature, "body", None)
