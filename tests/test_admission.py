@@ -9,6 +9,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from taskmesh.core.claims import gpu_pool
 from taskmesh.core.config import AdmissionConfig
 from taskmesh.core.gate import Admitted, Gate, Wait
@@ -44,6 +46,7 @@ def stats(app, node: str) -> dict:
     return app.control.inspect(destination=[node], timeout=5).stats()[node]["taskmesh"]
 
 
+@pytest.mark.slow
 def test_three_slots_on_24gib_run_at_most_two_10gib_tasks_and_lose_none(gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_GPU_SLOTS="3")
     uuid = SimulatedProvider("1x24GiB").snapshot()[0].uuid
@@ -69,6 +72,7 @@ def test_three_slots_on_24gib_run_at_most_two_10gib_tasks_and_lose_none(gpu_app,
     assert counters["admitted"] == 20 and counters["waits"] > 0 and counters["pauses"] > 0
 
 
+@pytest.mark.slow
 def test_big_and_hopper_only_tasks_run_only_on_the_gpu_that_fits(gpu_app, processes):
     spec = "1x80GiB,cc=9.0;1x24GiB,cc=8.9"
     big_uuid, small_uuid = (g.uuid for g in SimulatedProvider(spec).snapshot())
@@ -90,6 +94,7 @@ def test_big_and_hopper_only_tasks_run_only_on_the_gpu_that_fits(gpu_app, proces
     assert late["queue"] == "gpu.40960MiB" and tuple(late["gpu_uuids"]) == (big_uuid,)
 
 
+@pytest.mark.slow
 def test_memory_used_by_another_process_holds_a_task_until_it_is_freed(gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, "1x24GiB")
     control = SimulationControl(broker)
@@ -111,6 +116,7 @@ def test_memory_used_by_another_process_holds_a_task_until_it_is_freed(gpu_app, 
     assert not stats(gpu_app.app, node)["paused"]
 
 
+@pytest.mark.slow
 def test_a_sigkilled_worker_loses_its_reservation_and_its_task_runs_again(gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_RESERVATION_TTL_S="6", TASKMESH_DEAD_AFTER_S="8")
     uuid = SimulatedProvider("1x24GiB").snapshot()[0].uuid
@@ -135,6 +141,7 @@ def test_a_sigkilled_worker_loses_its_reservation_and_its_task_runs_again(gpu_ap
     assert runs == [result.id, result.id]  # delivered again after the kill, and completed once
 
 
+@pytest.mark.slow
 def test_a_gpu_that_fails_takes_no_new_task_and_queued_work_completes_on_the_other(gpu_app, broker, processes):
     gpu0, gpu1 = start_gpus(processes, gpu_app.app, "2x24GiB")
     uuids = [g.uuid for g in SimulatedProvider("2x24GiB").snapshot()]
@@ -168,6 +175,7 @@ def test_admission_state_is_sent_as_worker_events_flower_receives(gpu_app, proce
     assert event["taskmesh"]["gpus"][0]["memory_total_mib"] == 24 * GIB
 
 
+@pytest.mark.slow
 def test_a_gpu_added_at_run_time_gets_its_own_worker_group(gpu_app, broker, processes):
     start_gpus(processes, gpu_app.app, "1x24GiB")
     SimulationControl(broker).add("1x48GiB")
@@ -177,6 +185,7 @@ def test_a_gpu_added_at_run_time_gets_its_own_worker_group(gpu_app, broker, proc
     assert tuple(ran["gpu_uuids"]) == (new_uuid,)
 
 
+@pytest.mark.slow
 def test_a_cpu_worker_pauses_intake_under_host_pressure_and_loses_nothing(gpu_app, broker, processes, tmp_path):
     strict = tmp_path / "strict.yaml"
     strict.write_text("admission:\n  max_memory_percent: 0.1\n")
@@ -196,6 +205,7 @@ def test_a_cpu_worker_pauses_intake_under_host_pressure_and_loses_nothing(gpu_ap
     assert sorted(r.get(timeout=60)["label"] for r in results) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_a_message_held_for_half_the_visibility_timeout_is_handed_back_not_run_twice(gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_VISIBILITY_TIMEOUT_S="6")
     SimulationControl(broker).use(0, 20 * GIB)

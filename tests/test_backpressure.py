@@ -49,6 +49,7 @@ def test_queue_full_refuses_and_sends_nothing(tmp_path, broker_url, broker):
     assert queue_depth(broker, "cpu_intensive") == 3
 
 
+@pytest.mark.slow
 def test_queue_full_can_wait_for_room_while_workers_drain(tmp_path, broker_url, broker, processes, gpu_app):
     app = producer(tmp_path, broker_url,
                    "queues:\n  cpu_intensive:\n    max_depth: 2\nadmission:\n  queue_full_wait_s: 30\n")
@@ -63,6 +64,7 @@ def test_queue_full_can_wait_for_room_while_workers_drain(tmp_path, broker_url, 
     assert [r.get(timeout=60)["label"] for r in sent] == list(range(6))
 
 
+@pytest.mark.slow
 def test_infeasible_requirements_are_refused_naming_what_exists(gpu_app, broker, processes):
     processes.taskmesh("-A", APP, "worker", "--profile", "gpu", env={"TASKMESH_SIMULATE_GPUS": "1x24GiB,cc=8.9"})
     wait_for_workers(gpu_app.app, [f"gpu0@{HOST}"])
@@ -124,6 +126,7 @@ def test_fallback_goes_to_cpu_when_no_gpu_can_take_it_and_the_task_knows(gpu_app
     assert not first.ready()
 
 
+@pytest.mark.slow
 def test_no_fallback_while_a_live_gpu_has_room(gpu_app, broker, processes):
     processes.taskmesh("-A", APP, "worker", "--profile", "gpu", env={"TASKMESH_SIMULATE_GPUS": "1x80GiB"})
     wait_for_workers(gpu_app.app, [f"gpu0@{HOST}"])

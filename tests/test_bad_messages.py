@@ -67,6 +67,7 @@ def counters(app, node: str) -> dict:
     return app.control.inspect(destination=[node], timeout=5).stats()[node]["taskmesh"]["counters"]
 
 
+@pytest.mark.slow
 def test_bad_requirement_headers_are_refused_one_line_each_and_the_worker_lives(gpu_app, broker, processes,
                                                                                 tmp_path):
     node = f"bad@{HOST}"

@@ -58,6 +58,7 @@ def producer(url: str):
     return app, on_gpu, on_io
 
 
+@pytest.mark.slow
 def test_a_producer_gets_one_operational_error_naming_the_broker_and_carries_on_when_it_is_back():
     port = free_port()
     server = start_redis(port, "--requirepass", "s3cret")
@@ -82,6 +83,7 @@ def test_a_producer_gets_one_operational_error_naming_the_broker_and_carries_on_
             stop_redis(server)
 
 
+@pytest.mark.slow
 def test_the_worker_says_once_that_the_broker_is_gone_and_once_that_it_is_back(processes, tmp_path):
     port = free_port()
     server = start_redis(port)

@@ -41,6 +41,7 @@ def start_worker(processes, app) -> None:
     wait_for_workers(app, [f"poison@{os.uname().nodename}"])
 
 
+@pytest.mark.slow
 def test_a_task_that_fails_is_dead_lettered_then_requeued_with_its_id_and_purged(poison, broker, broker_url,
                                                                                  processes):
     start_worker(processes, poison.app)
@@ -74,6 +75,7 @@ def test_a_task_that_fails_is_dead_lettered_then_requeued_with_its_id_and_purged
     assert bad.returncode == 2 and "--all" in bad.stderr
 
 
+@pytest.mark.slow
 def test_a_task_that_kills_its_process_every_time_runs_a_bounded_number_of_times(poison, broker, broker_url,
                                                                                  processes):
     start_worker(processes, poison.app)

@@ -56,6 +56,7 @@ def test_waiting_counts_every_priority_sub_list_as_kombu_does_where_llen_does_no
     assert hash(cpu) == hash(QueueDepth("cpu_intensive", 7, 0, cpu.oldest_age_s, {}))
 
 
+@pytest.mark.slow
 def test_in_flight_counts_the_task_a_worker_holds_until_it_is_acknowledged(e2e, broker, processes):
     results = [e2e.on_cpu.delay(5)] + [e2e.on_cpu.delay() for _ in range(2)]
     assert queue_depths(broker, ["cpu_intensive"])["cpu_intensive"].waiting == 3

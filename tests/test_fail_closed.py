@@ -89,6 +89,7 @@ def gpu_task_stays_queued(gpu_app, broker, node: str) -> None:
     return gpu_task
 
 
+@pytest.mark.slow
 @no_nvml
 def test_a_gpu_worker_without_nvml_says_why_everywhere_and_runs_no_gpu_task(gpu_app, broker, processes, tmp_path):
     node = f"nonvml@{HOST}"
@@ -115,6 +116,7 @@ def test_a_gpu_worker_without_nvml_says_why_everywhere_and_runs_no_gpu_task(gpu_
     assert proc.poll() is None
 
 
+@pytest.mark.slow
 def test_cuda_visible_devices_naming_no_gpu_takes_no_gpu_work(gpu_app, broker, processes, tmp_path):
     node = f"nomatch@{HOST}"
     env = {"TASKMESH_SIMULATE_GPUS": "1x24GiB", "CUDA_VISIBLE_DEVICES": NO_SUCH_GPU}
@@ -128,6 +130,7 @@ def test_cuda_visible_devices_naming_no_gpu_takes_no_gpu_work(gpu_app, broker, p
     assert "MIG instance(s) MIG-0123" in doctor(TASKMESH_SIMULATE_GPUS="1x24GiB", CUDA_VISIBLE_DEVICES="MIG-0123")
 
 
+@pytest.mark.slow
 @no_nvml
 def test_a_mixed_worker_without_a_gpu_runs_mixed_on_cpu_and_hands_gpu_tasks_on(gpu_app, broker, processes,
                                                                              tmp_path):
@@ -181,6 +184,7 @@ def test_a_need_queue_carries_the_gpu_count():
     assert need_queue(Requirement.from_options("t", {"profile": "gpu", "vram": "4GiB"})) == "gpu.4096MiB"
 
 
+@pytest.mark.slow
 def test_a_two_gpu_task_runs_once_where_two_gpus_are_and_never_loops_on_one(gpu_app, broker, processes, tmp_path):
     one = f"one@{HOST}"
     start_worker(processes, tmp_path, "gpu", one, {"TASKMESH_SIMULATE_GPUS": "1x24GiB"})

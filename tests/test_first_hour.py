@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from taskmesh import create_app
 from taskmesh.core.records import GpuRecord, WorkerRecord
 from taskmesh.observe.status import collect_status
@@ -103,6 +105,7 @@ def test_a_scaling_hint_for_gpu_does_not_show_a_phantom_group_beside_gpu0(broker
     assert groups == {"gpu0": 1, "cpu": 0}  # cpu has no live member: shown, scaled to zero; gpu is gpu0
 
 
+@pytest.mark.slow
 def test_quickstart_runs_a_users_app_from_the_users_own_directory(tmp_path: Path) -> None:
     project = user_project(tmp_path, tasks=TASKS)
     done = subprocess.run([str(ROOT / "scripts" / "quickstart"), "-A", "myapp.tasks", "doctor"], cwd=project,

@@ -113,6 +113,7 @@ def gpu_line(page: Page, url: str, wanted: tuple[str, ...], timeout: float = 60)
         time.sleep(1)
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_flower_shows_the_gpu_worker_its_queue_and_its_live_gpu_state(gpu_app, broker, processes, chromium, tmp_path):
     processes.taskmesh("-A", APP, "worker", "--profile", "gpu", "--loglevel", "WARNING",

@@ -8,6 +8,8 @@ import dataclasses
 import json
 import time
 
+import pytest
+
 from taskmesh.app.rebalance import rebalance
 from taskmesh.core.config import QueueConfig
 from taskmesh.hardware.simulated import SimulationControl
@@ -28,6 +30,7 @@ def wait_until(condition, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_the_head_of_the_line_handed_back_at_half_the_visibility_timeout_still_runs_first(
         gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_VISIBILITY_TIMEOUT_S="8")
@@ -46,6 +49,7 @@ def test_the_head_of_the_line_handed_back_at_half_the_visibility_timeout_still_r
     assert runs == [head.id] + [r.id for r in behind]
 
 
+@pytest.mark.slow
 def test_a_task_held_for_memory_counts_for_the_queue_age_and_raises_the_age_alert(
         gpu_app, broker, processes, monkeypatch):
     (node,) = start_gpus(processes, gpu_app.app, "1x24GiB")

@@ -114,6 +114,7 @@ def test_queue_waiting_counts_every_priority_sub_list(gpu_app, broker, processes
     assert s.value("taskmesh_broker_up") == 1 and s.labels("taskmesh_worker_up") == []
 
 
+@pytest.mark.slow
 def test_a_running_10gib_task_shows_as_reserved_on_a_dcgm_style_gpu_series(gpu_app, broker, processes):
     url = start_exporter(processes)
     node = start_gpu_worker(processes, gpu_app.app)
@@ -139,6 +140,7 @@ def test_a_running_10gib_task_shows_as_reserved_on_a_dcgm_style_gpu_series(gpu_a
     assert s.value("taskmesh_worker_paused", node=node) == 1
 
 
+@pytest.mark.slow
 def test_a_dead_workers_gpu_is_not_exported_as_current(gpu_app, processes):
     short = {"TASKMESH_RESERVATION_TTL_S": "6"}  # the shortest alive window allowed: its state counts for 18 s
     url = start_exporter(processes, env=short)
@@ -185,6 +187,7 @@ def test_fleet_counters_alerts_and_rebalancer_runs_from_redis(tmp_path, broker_u
     assert scrape(url).labels("taskmesh_alert_active") == []
 
 
+@pytest.mark.slow
 def test_runtime_and_queue_wait_histograms_count_tasks_from_celery_events(gpu_app, processes):
     url = start_exporter(processes)
     processes.celery_worker(APP, "-Q", "cpu_intensive", "-c", "1", "-n", f"crunch@{HOST}")
@@ -240,6 +243,7 @@ def test_exporter_port_in_use_is_a_clear_error(broker_url):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_broker_the_exporter_cannot_reach_is_a_0_not_a_failed_scrape(processes):
     url = start_exporter(processes, env={"TASKMESH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"})
     s = scrape(url)
@@ -283,6 +287,7 @@ def alert_rules() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(ALERT_RULES.read_text())["groups"] for rule in group["rules"]]
 
 
+@pytest.mark.slow
 def test_every_documented_metric_is_in_a_live_scrape_and_nothing_else(gpu_app, broker, processes):
     url = start_exporter(processes)
     start_gpu_worker(processes, gpu_app.app)

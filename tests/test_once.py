@@ -51,6 +51,7 @@ def start(processes, app, *names: str, env: dict[str, str] | None = None) -> lis
     return workers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, runs_expected", [("once_job", 1), ("plain_job", 2)])
 def test_a_second_delivery_of_a_finished_run_is_skipped(once_app, broker, processes, task, runs_expected):
     start(processes, once_app.app, "solo1")
@@ -64,6 +65,7 @@ def test_a_second_delivery_of_a_finished_run_is_skipped(once_app, broker, proces
         wait_until(lambda: int(broker.hget(COUNTERS, "duplicates_skipped") or 0) == 1, "the skip counted")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, runs_expected", [("once_job", 1), ("plain_job", 2)])
 def test_a_duplicate_of_a_run_still_going_waits_for_it_then_is_skipped(once_app, broker, processes, task,
                                                                       runs_expected):
@@ -78,6 +80,7 @@ def test_a_duplicate_of_a_run_still_going_waits_for_it_then_is_skipped(once_app,
     assert runs(broker, task_id) == runs_expected
 
 
+@pytest.mark.slow
 def test_a_run_whose_worker_died_runs_again_on_another(once_app, broker, processes):
     env = {"TASKMESH_RESERVATION_TTL_S": "6", "TASKMESH_DEAD_AFTER_S": "8"}
     (doomed,) = start(processes, once_app.app, "doomed", env=env)

@@ -39,6 +39,7 @@ def wait_until(predicate, timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_mixed_workers_move_to_a_cpu_burst_and_go_back(gpu_app, broker, processes, tmp_path):
     env = {"TASKMESH_SIMULATE_GPUS": "1x24GiB", "TASKMESH_REBALANCE_INTERVAL_S": str(INTERVAL)}
     processes.taskmesh("-A", APP, "worker", "--profile", "all", "--loglevel", "WARNING", env=env)
@@ -65,6 +66,7 @@ def test_mixed_workers_move_to_a_cpu_burst_and_go_back(gpu_app, broker, processe
     assert moved_after < 2 * INTERVAL + 3
 
 
+@pytest.mark.slow
 def test_saturated_gpu_work_with_a_fallback_moves_to_cpu_none_lost_none_twice(gpu_app, broker, processes, tmp_path):
     env = {"TASKMESH_SIMULATE_GPUS": "1x24GiB", "TASKMESH_REBALANCE_INTERVAL_S": str(INTERVAL)}
     processes.taskmesh("-A", APP, "worker", "--profile", "gpu", "--loglevel", "WARNING", env=env)
@@ -87,6 +89,7 @@ def test_saturated_gpu_work_with_a_fallback_moves_to_cpu_none_lost_none_twice(gp
     assert any(d["action"] == "reroute" and d["target"] == "cpu_intensive" for d in decisions)
 
 
+@pytest.mark.slow
 def test_pools_grow_under_load_and_never_exceed_the_thread_budget(gpu_app, broker, processes, tmp_path):
     config = tmp_path / "hw.yaml"
     config.write_text("hardware:\n  cpu: {cores: 6, threads: 6}\nqueues:\n  mixed: {concurrency: 3}\n"

@@ -48,6 +48,7 @@ def put_back(broker) -> bool:
     return any(message["headers"].get("redelivered") for message in queued + delivered)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("countdown", [None, 1], ids=["held-on-arrival", "held-when-due"])
 def test_a_task_held_across_a_broker_connection_drop_runs_once(countdown, gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, "1x24GiB")
@@ -130,6 +131,7 @@ def client_app(url: str):
     return app, ten_gib
 
 
+@pytest.mark.slow
 def test_a_task_held_across_a_redis_restart_runs_once(own_redis, processes):
     app, ten_gib = client_app(own_redis.url)
     broker = redis.Redis.from_url(own_redis.url)

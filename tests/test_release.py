@@ -98,6 +98,7 @@ def expires_while_waiting(app, broker, node) -> int:
 
 @pytest.mark.parametrize("ending", [succeeds, fails, retries_once, hits_its_time_limit,
                                     is_revoked_while_running, is_revoked_while_waiting, expires_while_waiting])
+@pytest.mark.slow
 def test_a_gpu_task_releases_its_memory_as_soon_as_it(ending, gpu_app, broker, processes):
     (node,) = start_gpus(processes, gpu_app.app, GPU, TASKMESH_GPU_SLOTS=SLOTS)
     pool = gpu_pool(SimulatedProvider(GPU).snapshot()[0].uuid)

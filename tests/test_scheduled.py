@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from taskmesh.worker.controller import RECONCILE_AFTER_S
 
 from .test_admission import GIB, most_at_once, start_gpus
@@ -20,6 +22,7 @@ SLOTS = "2"  # two pool slots, so only the ledger keeps a second 10 GiB task fro
 COUNTDOWN_S = RECONCILE_AFTER_S + 3
 
 
+@pytest.mark.slow
 def test_two_countdown_tasks_that_do_not_fit_together_never_overlap(gpu_app, processes):
     start_gpus(processes, gpu_app.app, GPU, TASKMESH_GPU_SLOTS=SLOTS)
     sent = time.time()
@@ -30,6 +33,7 @@ def test_two_countdown_tasks_that_do_not_fit_together_never_overlap(gpu_app, pro
     assert most_at_once(finished) == 1
 
 
+@pytest.mark.slow
 def test_a_task_retried_with_a_countdown_holds_its_reservation_while_it_runs(gpu_app, broker, processes):
     start_gpus(processes, gpu_app.app, GPU, TASKMESH_GPU_SLOTS=SLOTS)
     result = gpu_app.retries_once.delay(1.0, COUNTDOWN_S)
@@ -39,6 +43,7 @@ def test_a_task_retried_with_a_countdown_holds_its_reservation_while_it_runs(gpu
     assert [r.decode() for r in broker.lrange(gpu_app.RUNS, 0, -1)] == [result.id, result.id]
 
 
+@pytest.mark.slow
 def test_a_rate_limited_task_waits_for_memory_when_its_turn_comes(gpu_app, processes):
     """The second ``rate_limited`` run is due ten seconds after the first, while an
     unlimited 10 GiB task sent in between still runs: it must wait for that one."""

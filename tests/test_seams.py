@@ -196,6 +196,7 @@ def test_a_beat_schedule_set_after_create_app_keeps_the_rebalancer(seams, broker
 # --- a plain `celery worker` --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_plain_celery_worker_warns_once_about_what_it_is_missing(seams, processes, tmp_path):
     log = tmp_path / "plain.log"
     with log.open("w") as out:

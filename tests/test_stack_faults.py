@@ -83,6 +83,7 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_up_keeps_queued_tasks_and_results_across_a_redis_sigkill(processes, tmp_path):
     marker, port = uuid.uuid4().hex, free_port()
     data_dir = tmp_path / "redis-data"
@@ -122,6 +123,7 @@ def test_up_keeps_queued_tasks_and_results_across_a_redis_sigkill(processes, tmp
         kill_leftovers(proc, marker)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["up", "worker"])
 def test_sigkill_of_the_supervisor_stops_every_child_and_frees_the_ports(command, processes, tmp_path, request):
     marker = uuid.uuid4().hex

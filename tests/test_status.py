@@ -78,6 +78,7 @@ def wait_until(condition, timeout: float, what: str):
     return value
 
 
+@pytest.mark.slow
 def test_status_and_top_show_a_busy_gpu_with_its_task_progress_eta_and_queue(gpu_app, broker, processes):
     processes.taskmesh("-A", APP, "worker", "--profile", "gpu", "--loglevel", "WARNING",
                        env={"TASKMESH_SIMULATE_GPUS": "1x24GiB"})

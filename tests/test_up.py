@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import requests
 
 from .conftest import ROOT, marked
@@ -21,6 +22,7 @@ def kill_leftovers(marker: str) -> None:
         proc.kill()
 
 
+@pytest.mark.slow
 def test_up_demo_runs_the_mixed_workload_and_leaves_no_process(processes):
     marker = uuid.uuid4().hex
     proc = processes.taskmesh("up", "--demo", env={"TASKMESH_TEST_MARKER": marker}, stdin=subprocess.DEVNULL,
@@ -44,6 +46,7 @@ def test_up_demo_runs_the_mixed_workload_and_leaves_no_process(processes):
         kill_leftovers(marker)
 
 
+@pytest.mark.slow
 def test_up_serves_flower_with_auth_and_sigterm_stops_everything(processes, tmp_path):
     marker = uuid.uuid4().hex
     proc = processes.taskmesh(
@@ -100,6 +103,7 @@ def test_up_says_what_to_do_when_redis_is_missing(tmp_path):
     assert "redis-server is not installed" in out.stderr and "--broker" in out.stderr
 
 
+@pytest.mark.slow
 def test_up_demo_on_a_terminal_keeps_flower_up_until_enter(processes):
     marker = uuid.uuid4().hex
     leader, follower = pty.openpty()

@@ -21,6 +21,7 @@ HOST = socket.gethostname()
 APP = "tests.apps.e2e_app"
 
 
+@pytest.mark.slow
 def test_profile_all_starts_pinned_gpu_groups_prefork_and_gevent(e2e, broker, processes):
     sent = {
         "gpu": e2e.on_gpu.delay(label="early"),
@@ -126,6 +127,7 @@ def test_the_solo_pool_goes_silent_during_a_task_which_is_why_it_is_not_the_defa
     assert e2e.app.control.ping(destination=[node], timeout=2)
 
 
+@pytest.mark.slow
 def test_threads_gpu_pool_also_stays_responsive(e2e, processes):
     node = start_gpu_worker(processes, e2e, pool="threads")
     result = e2e.on_gpu.delay(6)
@@ -134,6 +136,7 @@ def test_threads_gpu_pool_also_stays_responsive(e2e, processes):
     assert result.get(timeout=60)["pool"] == "threads"
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_is_restarted_and_reported(e2e, processes):
     supervisor = processes.taskmesh("-A", APP, "worker", "--profile", "cpu_intensive", "--loglevel", "WARNING",
                                     stderr=subprocess.PIPE, text=True)
