@@ -16,7 +16,7 @@ Real — the code a deployment runs, called as it calls it:
 
 Re-modelled here — simulation code standing in for the real thing:
 
-- the admission controller (``controller.py`` is not run): a message the gate answers
+- the admission controller (``worker/controller.py`` is not run): a message the gate answers
   ``Wait`` is held and the worker's intake pauses until one of its own tasks ends, when
   the held message is retried first; a ``Reroute`` republishes the message to its need
   queue (registered in the real registry) and every worker whose GPU ``can_serve`` it

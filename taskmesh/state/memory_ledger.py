@@ -1,7 +1,7 @@
 """The reservation ledger's exact semantics in one process's memory, for the fleet
 simulator: a million decisions through Redis take longer than the simulation itself.
 
-Same interface as ``taskmesh.ledger.Ledger`` (``LedgerLike``) and the same rules as its
+Same interface as ``taskmesh.state.ledger.Ledger`` (``LedgerLike``) and the same rules as its
 Lua scripts — all-or-nothing over several pools, a reservation id taken twice is a
 no-op, expired entries swept before anything is counted — with an injectable clock
 so simulated time can drive expiry. ``tests/test_bench_sim.py`` runs the same random
