@@ -125,9 +125,11 @@ def test_status_and_top_show_a_busy_gpu_with_its_task_progress_eta_and_queue(gpu
 
     assert running.get(timeout=60) == 48 and [r.get(timeout=60) for r in queued] == [2, 2]
     wait_until(lambda: broker.hlen(PROGRESS) == 0, 10, "progress entries outlived their tasks")
-    idle = wait_until(lambda: (s := collect_status(gpu_app.app))["gpus"][0]["state"] == "idle" and s, 10,
-                      "the GPU did not show idle after its tasks ended")
-    assert not idle["gpus"][0]["tasks"] and idle["gpus"][0]["tasks_done"] == 3 and idle["gpus"][0]["idle_s"] >= 0
+    # The worker's state is announced by its heartbeat: one announced between two tasks also says idle
+    # (with fewer done), so wait for the state announced after the last one.
+    idle = wait_until(lambda: (s := collect_status(gpu_app.app))["gpus"][0]["state"] == "idle"
+                      and s["gpus"][0]["tasks_done"] == 3 and s, 10, "the GPU did not show idle after its tasks ended")
+    assert not idle["gpus"][0]["tasks"] and idle["gpus"][0]["idle_s"] >= 0
     assert not idle["progress"]
 
     killed = gpu_app.progressing.apply_async((100, 0.2), time_limit=3)
