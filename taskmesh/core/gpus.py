@@ -19,6 +19,22 @@ from taskmesh.core.sizes import SizeError, format_mib, parse_mib
 
 SIMULATE_ENV = "TASKMESH_SIMULATE_GPUS"
 
+# Xids that a faulty *program* causes, not a faulty GPU: NVIDIA's own Kubernetes device
+# plugin keeps a GPU healthy on these (a bad kernel's page fault must not take a GPU out of
+# service for every other team); the failing task sees its own CUDA error.
+APPLICATION_XIDS = frozenset({
+    13,  # graphics engine exception
+    31,  # GPU memory page fault
+    43,  # GPU stopped processing
+    45,  # preemptive cleanup, due to previous errors
+    68,  # video processor exception
+})
+
+
+def xid_takes_gpu_out(xid: int) -> bool:
+    """Whether a critical Xid means the GPU itself failed (until a reset) or only a program did."""
+    return xid not in APPLICATION_XIDS
+
 
 @dataclasses.dataclass(frozen=True)
 class GpuInfo:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from taskmesh.core.gpus import GpuInfo
+from taskmesh.core.gpus import GpuInfo, xid_takes_gpu_out
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,12 @@ class NvmlProvider:
         return tuple(gpus)
 
     def _poll_xid(self) -> None:
-        """Drain critical Xid events (non-blocking); a GPU that reported one stays unhealthy."""
+        """Drain critical Xid events (non-blocking).
+
+        A GPU that reported a hardware Xid stays unhealthy for this process's life: such a GPU
+        needs a reset, and a reset needs every process holding it gone, this worker included.
+        Application Xids (``core.gpus.APPLICATION_XIDS``) leave it in service.
+        """
         nvml = self._nvml
         while self._events is not None:
             try:
@@ -79,7 +84,12 @@ class NvmlProvider:
             except nvml.NVMLError:
                 return
             gpu_uuid = _text(nvml.nvmlDeviceGetUUID(event.device))
-            log.error("GPU %s reported critical Xid %s; it takes no more work", gpu_uuid, event.eventData)
+            if not xid_takes_gpu_out(int(event.eventData)):
+                log.warning("GPU %s reported Xid %s, an application error; it stays in service",
+                            gpu_uuid, event.eventData)
+                continue
+            log.error("GPU %s reported critical Xid %s; it takes no more work until it is reset and "
+                      "its worker restarted", gpu_uuid, event.eventData)
             self._xid_failed.add(gpu_uuid)
 
 
