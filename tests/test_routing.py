@@ -66,6 +66,33 @@ def test_a_declared_priority_is_the_default_and_the_caller_can_override_it(broke
     assert broker.llen("cpu_light") == 1 and broker.llen("cpu_light\x06\x169") == 1
 
 
+def test_a_user_router_runs_once_per_send_so_a_round_robin_router_lands_where_it_said(broker_url, broker):
+    """A router with state (round robin over two queues) must be asked once per send: asked
+    twice, the submit checks judged one queue and the message went to the other."""
+    from taskmesh import create_app
+
+    asked = []
+
+    def round_robin(name, args, kwargs, options, task=None, **kw):
+        if name != "rr.embed":
+            return None
+        asked.append(name)
+        return {"queue": ("embed_a", "embed_b")[len(asked) % 2]}
+
+    app = create_app("round-robin", broker=broker_url)
+    app.conf.task_routes = (round_robin,)
+
+    @app.task(name="rr.embed", profile="cpu_light", shared=False)
+    def embed():
+        return None
+
+    for _ in range(4):
+        embed.delay()
+    assert len(asked) == 4
+    assert queue_depth(broker, "embed_a") == 2 and queue_depth(broker, "embed_b") == 2
+    assert queued_messages(broker, "embed_a")[0]["headers"]["taskmesh"]["profile"] == "cpu_light"
+
+
 def test_critical_tasks_queued_after_low_ones_run_first(e2e, broker, processes):
     results = [e2e.on_cpu.apply_async(kwargs={"label": f"low-{i}"}, priority=Priority.LOW) for i in range(10)]
     results += [e2e.on_cpu.apply_async(kwargs={"label": f"crit-{i}"}, priority=Priority.CRITICAL) for i in range(10)]

@@ -31,6 +31,7 @@ from typing import Any
 
 from celery.canvas import maybe_signature
 
+from taskmesh.app.routing import ROUTE_OPTION
 from taskmesh.core.headers import ENQUEUED_AT, REQUIREMENT_HEADER
 from taskmesh.core.profiles import Priority
 from taskmesh.core.requirements import Requirement
@@ -72,7 +73,10 @@ def prepare_send(app: Any, name: str, task: Any, args: Any, kwargs: Any, options
                 step_options = dict(step.options)
                 policy.check(step.task, step_requirement, step_options,
                              _routed(app, step.task, step_task, step.args, step.kwargs, step_options))
-    policy.prepare(name, requirement, options, _routed(app, name, task, args, kwargs, options), lenient)
+    route = app.amqp.router.lookup_route(options.get("route_name") or name, args, kwargs, dict(options), task)
+    policy.prepare(name, requirement, options, _queue_of(app, route, options), lenient)
+    if options.get("router") is None:  # Celery's router, whose answer this is
+        options[ROUTE_OPTION] = (route,)
 
 
 def _lenient(app: Any, options: dict[str, Any]) -> str | None:
@@ -89,8 +93,14 @@ def _lenient(app: Any, options: dict[str, Any]) -> str | None:
 
 def _routed(app: Any, name: str, task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> str:
     """The queue Celery's router (user routes, then profile routing) will pick."""
-    route = app.amqp.router.route(dict(options), options.get("route_name") or name, args, kwargs, task)
-    queue = route.get("queue") or app.conf.task_default_queue
+    route = app.amqp.router.lookup_route(options.get("route_name") or name, args, kwargs, dict(options), task)
+    return _queue_of(app, route, options)
+
+
+def _queue_of(app: Any, route: Any, options: dict[str, Any]) -> str:
+    """The queue a send goes to, given the route table's answer, as Celery's ``Router.route`` merges it."""
+    queue = options.get("queue") or (route if isinstance(route, str) else (route or {}).get("queue"))
+    queue = queue or app.conf.task_default_queue
     return queue if isinstance(queue, str) else queue.name
 
 
