@@ -76,6 +76,8 @@ def test_infeasible_requirements_are_refused_naming_what_exists(gpu_app, broker,
     expected = r"min_compute_capability=9.0.*highest compute capability seen is 8.9"
     with pytest.raises(InfeasibleRequirement, match=expected):
         gpu_app.hopper_only.delay()
+    with pytest.raises(InfeasibleRequirement, match=r"gpus=2; the most GPUs one worker sees is 1 \(taskmesh worker"):
+        gpu_app.two_gpus.delay()  # `worker --profile gpu` pins one GPU per worker: it would wait forever
     assert queue_depth(broker, "gpu") == 0 and not broker.keys("gpu.*")
 
     @gpu_app.app.task(name="wide", profile="cpu_intensive", cpu_threads=4096, shared=False)

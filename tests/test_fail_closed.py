@@ -23,6 +23,7 @@ from taskmesh.core.config import load_config
 from taskmesh.core.gate import Admitted, Gate, Reroute
 from taskmesh.core.need_queues import need_queue
 from taskmesh.core.rebalance_policy import QueueView, WorkerView, assist_moves
+from taskmesh.core.records import GpuRecord, WorkerRecord
 from taskmesh.core.requirements import Requirement
 from taskmesh.hardware.simulated import SimulatedProvider
 from taskmesh.observe.status import collect_status
@@ -189,6 +190,10 @@ def test_a_two_gpu_task_runs_once_where_two_gpus_are_and_never_loops_on_one(gpu_
     one = f"one@{HOST}"
     start_worker(processes, tmp_path, "gpu", one, {"TASKMESH_SIMULATE_GPUS": "1x24GiB"})
     wait_for_workers(gpu_app.app, [one])
+    gone = WorkerRecord(node=f"gone@{HOST}", incarnation="earlier", host=HOST, queues=("gpu",), cpu_threads=2,
+                        memory_total_mib=8192, gpus=tuple(GpuRecord(f"GPU-gone-{i}", i, "sim", 24576, (8, 9))
+                                                          for i in range(2)))
+    Registry(broker).stopped(gone)  # a two-GPU worker seen today, now stopped: the send is not refused
     result = gpu_app.two_gpus.apply_async((0.2,), {"label": "two"}, queue="gpu")
     name = "gpu.x2.4096MiB"
     until(lambda: stats(gpu_app.app, one)["counters"].get("rerouted"), "the task was never handed on")

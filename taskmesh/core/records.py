@@ -72,3 +72,4 @@ class Capacity:
     cpu_threads: int | None
     memory_total_mib: int | None
     gpus: tuple[GpuRecord, ...]
+    gpus_per_worker: int | None = None  # the most GPUs one worker sees: a task's gpus=N needs N in one

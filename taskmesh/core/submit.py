@@ -26,6 +26,12 @@ def infeasible(requirement: Requirement, capacity: Capacity, margin_mib: int) ->
                 f"({format_mib(largest.memory_total_mib - margin_mib)} after the safety margin), the highest "
                 "compute capability seen is {}.{}".format(*newest.compute_capability)
             )
+        if capacity.gpus_per_worker is not None and requirement.gpus > capacity.gpus_per_worker:
+            return (
+                f"asked for gpus={requirement.gpus}; the most GPUs one worker sees is {capacity.gpus_per_worker} "
+                "(taskmesh worker --profile gpu pins one GPU per worker: run a celery worker, or the mixed "
+                f"worker, where {requirement.gpus} GPUs are visible)"
+            )
     if capacity.cpu_threads is not None and requirement.cpu_threads > capacity.cpu_threads:
         return f"asked for cpu_threads={requirement.cpu_threads}; the largest host seen has {capacity.cpu_threads}"
     if capacity.memory_total_mib is not None and (requirement.memory_mib or 0) > capacity.memory_total_mib:

@@ -158,6 +158,7 @@ class Registry:
             cpu_threads=max((r.cpu_threads for r in records), default=None),
             memory_total_mib=max((r.memory_total_mib for r in records), default=None),
             gpus=gpus,
+            gpus_per_worker=max((len(r.gpus) for r in records if r.gpus), default=None),
         )
 
     def register_need_queue(self, name: str, need: Requirement) -> None:
