@@ -279,7 +279,7 @@ def test_reservations_deleted_from_the_ledger_come_back_and_a_task_that_no_longe
     broker.delete(f"{LEDGER_PREFIX}{pool}", f"{LEDGER_PREFIX}{pool}:expiry")  # as a Redis restart would
     assert ledger.used([pool])[pool] == 0
     wait_until(lambda: ledger.used([pool])[pool] == 10 * GIB, "10 GiB reserved again within a few heartbeats", 10)
-    assert "re-created" in worker.output()
+    wait_until(lambda: "re-created" in worker.output(), "the worker says it re-created the reservation", 10)
     second = gpu_app.twenty_gib.delay(0.1, label="second")
     wait_until(lambda: stats(gpu_app.app, worker.node)["held"] == 1, "the 20 GiB task is held", 30)
     assert "ledger" in stats(gpu_app.app, worker.node)["reasons"]["waiting"]
