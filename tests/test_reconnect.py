@@ -9,6 +9,7 @@ its reserved requests, or the message runs twice once memory frees.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -21,7 +22,7 @@ from taskmesh import create_app
 from taskmesh.hardware.simulated import SimulationControl
 from taskmesh.run.stack import free_port
 
-from .conftest import queue_depth, wait_for_workers
+from .conftest import bind, queue_depth, wait_for_workers
 from .test_admission import GIB, start_gpus, stats
 
 QUEUE_KEYS = ["gpu"] + [f"gpu\x06\x16{p}" for p in range(1, 10)]
@@ -151,3 +152,27 @@ def test_a_task_held_across_a_redis_restart_runs_once(own_redis, processes):
     wait_until(lambda: not stats(app, node)["running"], "nothing runs")
     assert [r.decode() for r in broker.lrange("test:runs", 0, -1)] == [result.id]
     assert ran["label"] == "held"
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, runs_expected", [("once_job", 1), ("plain_job", 2)])
+def test_a_task_running_across_a_connection_drop_runs_again_unless_once(task, runs_expected, broker_url, broker,
+                                                                         processes):
+    """kombu puts a running task's message back as the dropped channel closes, and its ack
+    can no longer reach Redis: Celery runs it again after the first run ends (README,
+    "When a task can still run twice"). ``once=True`` skips that second delivery."""
+    from tests.apps import once_app
+
+    once_app = bind(once_app, broker_url)
+    worker = processes.celery_worker("tests.apps.once_app", "-Q", "cpu_intensive", "-c", "1", "-n", "drop@%h")
+    node = f"drop@{os.uname().nodename}"
+    wait_for_workers(once_app.app, [node])
+    result = getattr(once_app, task).apply_async((4.0,))
+    wait_until(lambda: broker.lrange(once_app.RUNS, 0, -1), "the task started")
+    assert drop_connections(broker, worker.pid)
+    result.get(timeout=60)
+    wait_until(lambda: not queue_depth(broker, "cpu_intensive") and not broker.hlen("unacked")
+               and broker.llen(once_app.RUNS) >= runs_expected, "every copy settled")
+    time.sleep(1.0)  # a further run would have been recorded by now: nothing is left to deliver
+    assert [r.decode() for r in broker.lrange(once_app.RUNS, 0, -1)] == [result.id] * runs_expected
