@@ -4,7 +4,8 @@ Generated on first start and kept in the stack's data folder, each file readable
 its owner only (mode 600), so a second ``up`` on the same data (the append-only file
 keeps the tasks) keeps the credentials a producer was given:
 
-- ``redis-users.conf``: the ACL that redis-server reads as its config file. The default
+- ``redis-users.conf``: the ACL that redis-server reads as its config file (the same
+  lines make an ``--aclfile`` for a deployment: ``taskmesh secrets``). The default
   user is off, so a client that does not log in gets ``NOAUTH`` for every command;
   the ``taskmesh`` user's password is stored as its SHA-256, never in clear.
 - ``credentials.env``: ``TASKMESH_BROKER_URL`` (with the password), the password
@@ -76,11 +77,7 @@ def stack_secrets(folder: Path, flower_auth: str | None) -> StackSecrets:
 def redis_acl(password: str) -> str:
     """redis-server config lines: no anonymous access, one user with every right."""
     digest = hashlib.sha256(password.encode()).hexdigest()
-    return (
-        "# written by taskmesh up: the default user is off, so a client must log in as taskmesh\n"
-        "user default off\n"
-        f"user {REDIS_USER} on #{digest} ~* &* +@all\n"
-    )
+    return f"user default off\nuser {REDIS_USER} on #{digest} ~* &* +@all\n"  # an ACL file takes no comments
 
 
 def write_secrets(folder: Path, found: StackSecrets, broker_url: str, owns_redis: bool) -> Path:
@@ -98,3 +95,29 @@ def write_secrets(folder: Path, found: StackSecrets, broker_url: str, owns_redis
     path = folder / CREDENTIALS_FILE
     write_private(path, "\n".join(lines) + "\n")
     return path
+
+
+DEPLOYMENT_FILES = ("redis-users.acl", "broker_url", "flower_basic_auth", "grafana_admin_password")
+
+
+def deployment_secrets(folder: Path, redis_host: str, redis_port: int = 6379) -> list[Path]:
+    """The secrets a compose or Kubernetes deployment mounts, one value a file, kept when present.
+
+    The folder is private to its owner (0700); the files in it are 0644, because the
+    containers that mount them run as other users (redis-server as ``redis``).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    paths = [folder / name for name in DEPLOYMENT_FILES]
+    acl, url, flower, grafana = paths
+    if not (acl.exists() and url.exists()):
+        password = secrets.token_urlsafe(24)
+        acl.write_text(redis_acl(password))
+        url.write_text(f"redis://{REDIS_USER}:{password}@{redis_host}:{redis_port}/0")
+    if not flower.exists():
+        flower.write_text(f"{FLOWER_USER}:{secrets.token_urlsafe(12)}")
+    if not grafana.exists():
+        grafana.write_text(secrets.token_urlsafe(12))
+    for path in paths:
+        path.chmod(0o644)
+    return paths
