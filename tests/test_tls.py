@@ -4,9 +4,7 @@ server certificate this test makes, reached with Celery's documented spellings a
 
 from __future__ import annotations
 
-import datetime
 import importlib
-import ipaddress
 import shutil
 import socket
 import ssl
@@ -18,60 +16,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from taskmesh import create_app
 from taskmesh.run.stack import free_port
 from taskmesh.state.client import client_from_url
 
+from .certs import make_ca, make_server_cert, pem
 from .conftest import wait_for_workers
-
-DAY = datetime.timedelta(days=1)
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - DAY).not_valid_after(now + DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def make_server_cert(folder: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key) files."""
-    ca_key, ca_cert = make_ca("taskmesh test CA")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca_cert.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - DAY).not_valid_after(now + DAY)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(_pem(ca_cert))
-    paths[1].write_bytes(_pem(cert))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
 
 
 class TlsRedis:
@@ -91,7 +42,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
     folder = tmp_path_factory.mktemp("tls")
     ca, cert, key = make_server_cert(folder)
     wrong_ca = folder / "other-ca.pem"
-    wrong_ca.write_bytes(_pem(make_ca("someone else's CA")[1]))
+    wrong_ca.write_bytes(pem(make_ca("someone else's CA")[1]))
     port = free_port()
     proc = subprocess.Popen(
         [server, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-cert-file", str(cert),
