@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from taskmesh.observe.metrics import METRICS
 from taskmesh.run.stack import free_port
 from taskmesh.run.workers import plan_workers
 
-from .conftest import ROOT
+from .conftest import ROOT, anonymous_reply
 from .test_metrics import metric_names
 
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -265,9 +264,7 @@ def test_taskmesh_secrets_make_an_acl_redis_accepts_and_the_entrypoint_passes_th
             except redis.ConnectionError:
                 assert time.monotonic() < deadline and server.poll() is None, "redis-server refused the ACL file"
                 time.sleep(0.05)
-        with socket.create_connection(("127.0.0.1", port)) as anonymous:
-            anonymous.sendall(b"*1\r\n$8\r\nFLUSHALL\r\n")
-            assert anonymous.recv(100).startswith(b"-NOAUTH ")
+        assert anonymous_reply(port, "FLUSHALL").startswith(b"-NOAUTH ")
     finally:
         server.terminate()
         server.wait(10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pty
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import requests
 
 from taskmesh.run.credentials import read_credentials
 
-from .conftest import ROOT, marked
+from .conftest import ROOT, anonymous_reply, marked
 
 
 def kill_leftovers(marker: str) -> None:
@@ -80,9 +79,7 @@ def test_up_locks_redis_and_flower_with_secrets_out_of_argv_and_sigterm_stops_ev
         assert found["FLOWER_BASIC_AUTH"] == "ops:s3cret"
         assert f"broker: redis://taskmesh:**@127.0.0.1:{redis_port}/0 (started here, login required)" in lines[0]
         assert not any(password in line for line in lines)
-        with socket.create_connection(("127.0.0.1", redis_port)) as anonymous:  # a local user without the password
-            anonymous.sendall(b"*3\r\n$3\r\nSET\r\n$8\r\ninjected\r\n$1\r\n1\r\n")
-            assert anonymous.recv(200).startswith(b"-NOAUTH ")
+        assert anonymous_reply(redis_port, "SET", "injected", "1").startswith(b"-NOAUTH ")  # a local user
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=redis_port).set("taskmesh:injected", 1)
         with pytest.raises(redis.AuthenticationError):
