@@ -113,6 +113,9 @@ def test_up_locks_redis_and_flower_with_secrets_out_of_argv_and_sigterm_stops_ev
         proc.wait(90)
         assert proc.returncode == 0
         assert marked(marker) == []
+        logs = {p.name: p.read_text(errors="replace") for p in tmp_path.glob("*.log")}
+        assert {"redis.log", "flower.log", "beat.log", "exporter.log"} <= set(logs), sorted(logs)
+        assert [name for name, text in logs.items() if password in text or "s3cret" in text] == []
     finally:
         kill_leftovers(marker)
 
