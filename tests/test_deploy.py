@@ -278,3 +278,33 @@ def test_taskmesh_secrets_make_an_acl_redis_accepts_and_the_entrypoint_passes_th
                              env={"PATH": "/usr/bin:/bin", "X_FILE": str(tmp_path / "absent")},
                              capture_output=True, text=True, timeout=30)
     assert missing.returncode == 2 and "X_FILE names" in missing.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian: apt-get install "
+                    "prometheus)")
+def test_keda_s_queries_add_waiting_and_in_flight_over_each_group_s_queues(tmp_path):
+    """Evaluated by Prometheus's own engine: the gpu query counts the need queues too, and a
+    fleet with nothing exported yet reads 0 (KEDA takes an empty result as an error)."""
+    series = {("waiting", "gpu"): 3, ("waiting", "gpu.40960MiB"): 2, ("in_flight", "gpu"): 1,
+              ("waiting", "cpu_intensive"): 5, ("in_flight", "cpu_intensive"): 2, ("waiting", "cpu_light"): 7,
+              ("in_flight", "cpu_light"): 0, ("waiting", "mixed"): 50}
+    expected = {"taskmesh-worker-gpu": 6, "taskmesh-worker-cpu": 7, "taskmesh-worker-io": 7}
+    queries = {d["metadata"]["name"]: d["spec"]["triggers"][0]["metadata"]["query"]
+               for d in manifests() if d["kind"] == "ScaledObject"}
+    assert set(queries) == set(expected)
+    cases = {"rule_files": [], "tests": [
+        {"interval": "1m",
+         "input_series": [{"series": f'taskmesh_queue_{kind}{{queue="{queue}"}}', "values": str(value)}
+                          for (kind, queue), value in series.items()],
+         "promql_expr_test": [{"expr": q, "eval_time": "0m", "exp_samples": [{"labels": "{}", "value": expected[n]}]}
+                              for n, q in queries.items()]},
+        {"interval": "1m", "input_series": [{"series": "up", "values": "1"}],
+         "promql_expr_test": [{"expr": q, "eval_time": "0m", "exp_samples": [{"labels": "{}", "value": 0}]}
+                              for q in queries.values()]},
+    ]}
+    (tmp_path / "keda_test.yml").write_text(yaml.safe_dump(cases))
+    done = subprocess.run(["promtool", "test", "rules", "keda_test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checked = subprocess.run(["promtool", "check", "config", "prometheus-compose.yml"],
+                             cwd=COMPOSE.parent / "prometheus", capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
