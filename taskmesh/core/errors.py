@@ -39,3 +39,8 @@ class AppLoadError(TaskmeshError):
 class MessageRefused(TaskmeshError):
     """A worker refused a message it cannot run safely (its ``taskmesh`` header or its body
     cannot be read); the task did not run. Stored as the task's result, so ``.get()`` says why."""
+
+
+class ModelLoadError(TaskmeshError):
+    """A task's declared model could not be loaded (its loader raised, or its memory could not
+    be reserved); the task failed, and nothing stays reserved for the model."""
