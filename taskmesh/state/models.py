@@ -80,3 +80,7 @@ class ModelStore:
 
     def evictions(self, limit: int = 20) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.client.lrange(EVICTIONS, 0, limit - 1)]
+
+    def summary(self) -> dict[str, Any]:
+        """For ``status --json``: learned load times, loads done, and the latest eviction decisions."""
+        return {"learned_load_s": self.learned(), "loads": self.loads(), "evictions": self.evictions()}
