@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ class Loaded:
 
 
 _loaded: dict[str, Loaded] = {}  # this process's warm models
+_loading = threading.Lock()
 _stores: dict[int, ModelStore] = {}
 
 
@@ -124,11 +126,12 @@ def run_warm(task: Any, body: Callable[[], Any]) -> Any:
     declared = declared_models(task.app).get(task.requirement.model or "")
     if declared is None:
         return body()
-    loaded = _loaded.get(declared.spec.name)
-    if loaded is None:
-        loaded = _load(store, node, declared, pool, warm, request.id)
-    elif warm.get("claim") and pool is not None:  # it was warm here after all: the claim is not needed
-        store.move(pool, warm["reservation"], "", warm["claim"])
+    with _loading:  # a threads pool's slots share one process's models: one load each
+        loaded = _loaded.get(declared.spec.name)
+        if loaded is None:
+            loaded = _load(store, node, declared, pool, warm, request.id)
+        elif warm.get("claim") and pool is not None:  # it was warm here after all: the claim is not needed
+            store.move(pool, warm["reservation"], "", warm["claim"])
     _publish(store, node, BUSY, request.id)
     set_current(loaded.obj)
     try:

@@ -99,6 +99,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "taskmesh_model_load_seconds": ("counter", "Time the fleet spent loading the model", ("model",)),
     "taskmesh_model_load_time_seconds": ("gauge", "The model's learned load time (moving average)", ("model",)),
 }
+# Series that exist once a declared model has been loaded somewhere (none in a fleet without models).
+MODEL_SERIES = ("taskmesh_model_loaded", "taskmesh_model_loads", "taskmesh_model_load_seconds",
+                "taskmesh_model_load_time_seconds")
 # Fed by Celery events in ``exporter.TaskTimings``, not read at scrape time.
 EVENT_FED: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "taskmesh_task_runtime_seconds": ("histogram", "Task run time, from started to finished", ("task", "queue")),

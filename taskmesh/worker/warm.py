@@ -10,8 +10,9 @@ hold to the worker's model hash. Here, in the main process:
   it moves to the model's own reservation — one amount, never counted twice;
 * a GPU task that does not fit because idle warm models hold the memory asks
   ``core.models.plan_eviction``; every decision is recorded with its reason. Eviction
-  runs only on a worker with one pool process per GPU, where the idle model is in the
-  process that will run the task;
+  runs only where one process holds the models (prefork with one slot per GPU, or a
+  threads pool) and nothing runs, so the idle model is in the process that will run
+  the task;
 * the model reservations of live pool processes are refreshed with the tasks'
   (``held``); those of processes that are gone are released, and when the whole worker
   dies nobody refreshes them and they expire with its other reservations.
@@ -106,7 +107,7 @@ class WarmModels:
         claim = 0
         if spec is not None:
             holders = sum(1 for e in entries.values() if spec.name in e["models"])
-            claim = 0 if holders >= max(1, self.c.consumer.pool.num_processes) else spec.vram_mib
+            claim = 0 if holders >= len(self._live_pids()) else spec.vram_mib  # warm in whichever process runs it
             requirement = dataclasses.replace(requirement, vram_mib=(requirement.vram_mib or 0) + claim)
         decision = self.c.gate.decide(requirement, reservation)
         evict: list[tuple[str, int]] = []
@@ -119,7 +120,7 @@ class WarmModels:
     def _maybe_evict(self, held: Any, requirement: Any, reservation: str, entries: dict[int, dict[str, Any]],
                      waited: Wait) -> tuple[Decision, list[tuple[str, int]]]:
         c = self.c
-        if requirement.gpus != 1 or c.consumer.pool.num_processes != 1 or c.reservations or len(entries) != 1:
+        if requirement.gpus != 1 or len(self._live_pids()) != 1 or c.reservations or len(entries) != 1:
             return waited, []
         (entry,) = entries.values()
         if entry["state"] != READY or not entry["models"]:
@@ -141,6 +142,8 @@ class WarmModels:
         plan = plan_eviction(short, idle, waiting_s)
         task_id = held.message.headers.get("id")
         if (task_id, plan.evicts) not in self.recorded:
+            if len(self.recorded) > 10_000:  # only a held task's repeated decision is worth remembering
+                self.recorded.clear()
             self.recorded.add((task_id, plan.evicts))
             self.store.record_eviction({
                 "at": time.time(), "node": c.node, "gpu": gpu.uuid, "task": held.message.headers.get("task"),
