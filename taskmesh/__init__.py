@@ -5,6 +5,7 @@ from taskmesh.app.models import current_model
 from taskmesh.core.errors import (
     ConfigError,
     InfeasibleRequirement,
+    ModelDeclarationError,
     ModelLoadError,
     QueueFull,
     RequirementError,
@@ -21,6 +22,7 @@ __all__ = [
     "GpuInfo",
     "GpuProvider",
     "InfeasibleRequirement",
+    "ModelDeclarationError",
     "ModelLoadError",
     "NvmlProvider",
     "Priority",

@@ -17,9 +17,10 @@ import time
 import psutil
 import pytest
 
+from taskmesh import create_app
 from taskmesh.core.claims import gpu_pool
-from taskmesh.core.errors import ModelLoadError
-from taskmesh.core.models import WarmModel, plan_eviction
+from taskmesh.core.errors import ConfigError, ModelDeclarationError, ModelLoadError
+from taskmesh.core.models import ModelSpec, WarmModel, plan_eviction
 from taskmesh.hardware.simulated import SimulatedProvider
 from taskmesh.observe.metrics import TaskmeshCollector
 from taskmesh.observe.status import collect_status
@@ -87,6 +88,19 @@ def test_nothing_short_evicts_nothing():
     assert not plan_eviction(0, [warm("a", 1.0, 1.0)], waiting_s=1e6).evicts
 
 
+def test_the_config_file_overrides_a_models_load_time_and_eviction_and_bad_sizes_fail_at_import(tmp_path):
+    config = tmp_path / "hw.yaml"
+    config.write_text("models:\n  llm:\n    load_s: 140\n    never_evict: true\n")
+    app = create_app("declares", broker="redis://127.0.0.1:1/0", hardware=str(config))
+    declared = app.model("llm", vram="16GiB", load_s=5)(lambda: object())
+    assert declared.spec == ModelSpec("llm", 16 * GIB, 140, True)
+    with pytest.raises(ModelDeclarationError, match="model 'bad': vram '16 gigs' cannot be read: .* unknown unit"):
+        app.model("bad", vram="16 gigs")
+    config.write_text("models:\n  llm:\n    never_evict: 1\n")
+    with pytest.raises(ConfigError, match="models.llm.never_evict: 1 is not true or false"):
+        create_app("declares", broker="redis://127.0.0.1:1/0", hardware=str(config))
+
+
 # --- real workers -------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -123,6 +137,15 @@ def test_many_tasks_for_a_warm_model_load_it_once_and_count_it_once(model_app, b
     assert [s.labels["model"] for s in families["taskmesh_model_loaded"].samples] == ["cheap"]
     assert {s.labels["state"]: s.value for s in families["taskmesh_gpu_state"].samples}["ready"] == 1
     assert [s.value for s in families["taskmesh_model_loads"].samples if s.name.endswith("_total")] == [1]
+
+
+@pytest.mark.slow
+def test_a_threads_pool_shares_one_copy_among_its_slots(model_app, broker, processes):
+    node = start_gpu(processes, model_app.app, TASKMESH_GPU_SLOTS="2", TASKMESH_GPU_POOL="threads")
+    ran = [r.get(timeout=60) for r in [model_app.use_cheap.delay(0.2) for _ in range(8)]]
+    assert events(broker) == ["load:cheap"] and len({r["loaded_at"] for r in ran}) == 1
+    wait_until(lambda: holders(broker) == {f"model:{node}/{ran[0]['pid']}/cheap": 16 * GIB},
+               "one copy counted once the tasks ended")
 
 
 @pytest.mark.slow

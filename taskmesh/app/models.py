@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from taskmesh.core.errors import RequirementError
+from taskmesh.core.errors import ModelDeclarationError
 from taskmesh.core.models import ModelSpec
 from taskmesh.core.sizes import parse_mib
 
@@ -38,15 +38,14 @@ class DeclaredModel:
 def declare_model(app: Any, name: str, vram: Any, load_s: float | None = None, never_evict: bool = False,
                   unloader: Callable[[Any], None] | None = None) -> Callable[[Callable[[], Any]], DeclaredModel]:
     """``@app.model(...)``: validated at import, as tasks are, so a bad size breaks the deploy."""
-    where = f"model {name!r}"
     if not isinstance(name, str) or not name.strip():
-        raise RequirementError(str(name), "a model needs a non-empty name such as 'qwen2.5:7b'")
+        raise ModelDeclarationError(str(name), "a model needs a non-empty name such as 'qwen2.5:7b'")
     try:
         vram_mib = parse_mib(vram)
     except (TypeError, ValueError) as exc:
-        raise RequirementError(where, f"vram {vram!r} cannot be read ({exc}); write it like '16GiB'") from None
+        raise ModelDeclarationError(name, f"vram {vram!r} cannot be read: {exc}") from None
     if load_s is not None and (isinstance(load_s, bool) or not isinstance(load_s, int | float) or load_s <= 0):
-        raise RequirementError(where, f"load_s {load_s!r} must be a positive number of seconds")
+        raise ModelDeclarationError(name, f"load_s {load_s!r} must be a positive number of seconds")
     override = app.taskmesh_config.models.get(name, {})
     spec = ModelSpec(name, vram_mib, override.get("load_s", load_s), override.get("never_evict", never_evict))
 

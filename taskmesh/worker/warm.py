@@ -138,7 +138,9 @@ class WarmModels:
                           or DEFAULT_LOAD_S, bool(m.get("never_evict")), m["reservation"])
                 for name, m in entry["models"].items()]
         line = [held] + [h for h in c.held if h is not held]
-        waiting_s = sum(self._expected_run_s(h) for h in line if h.requirement.needs_gpu)
+        # the work that memory would serve: not tasks for the idle models themselves, which need none of it
+        waiting_s = sum(self._expected_run_s(h) for h in line
+                        if h.requirement.needs_gpu and h.requirement.model not in entry["models"])
         plan = plan_eviction(short, idle, waiting_s)
         task_id = held.message.headers.get("id")
         if (task_id, plan.evicts) not in self.recorded:
