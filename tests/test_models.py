@@ -133,6 +133,8 @@ def test_many_tasks_for_a_warm_model_load_it_once_and_count_it_once(model_app, b
     assert 0.3 < status["models"]["learned_load_s"]["cheap"] < 5  # measured about 1 s, from a guess of 1 s
     assert warm_line(gpu, status["at"]).startswith("GPU 0: [READY] cheap  idle ")
     assert warm_line(gpu, status["at"]).endswith("tasks: 20")
+    flower = model_app.app.control.inspect(destination=[node], timeout=5).stats()[node]["taskmesh_gpus"]
+    assert flower.endswith(", 0 running, READY cheap"), flower  # Flower's worker page, "Other" tab
     families = {f.name: f for f in TaskmeshCollector(model_app.app, broker).families()}
     assert [s.labels["model"] for s in families["taskmesh_model_loaded"].samples] == ["cheap"]
     assert {s.labels["state"]: s.value for s in families["taskmesh_gpu_state"].samples}["ready"] == 1
