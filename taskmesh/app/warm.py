@@ -57,12 +57,13 @@ def _store(app: Any) -> ModelStore:
     return _stores[id(app)]
 
 
-def _publish(store: ModelStore, node: str, state: str, task: str | None = None) -> None:
+def _publish(store: ModelStore, node: str, state: str, task: str | None = None, pool: str | None = None) -> None:
     models = {name: {"vram_mib": m.declared.spec.vram_mib, "pool": m.pool, "reservation": m.reservation,
                      "adopted_from": m.adopted_from, "loaded_at": m.loaded_at, "last_used": m.last_used,
                      "tasks": m.tasks, "never_evict": m.declared.spec.never_evict}
               for name, m in _loaded.items()}
-    store.hold(node, os.getpid(), {"state": state, "since": time.time(), "task": task, "models": models})
+    store.hold(node, os.getpid(), {"state": state, "since": time.time(), "task": task, "pool": pool,
+                                   "models": models})
 
 
 def _empty_cache() -> None:
@@ -75,7 +76,7 @@ def _unload(store: ModelStore, node: str, name: str, task_reservation: str, amou
     loaded = _loaded.get(name)
     if loaded is None:
         return
-    _publish(store, node, UNLOADING)
+    _publish(store, node, UNLOADING, pool=loaded.pool)
     try:
         if loaded.declared.unload is not None:
             loaded.declared.unload(loaded.obj)
@@ -91,7 +92,7 @@ def _unload(store: ModelStore, node: str, name: str, task_reservation: str, amou
 def _load(store: ModelStore, node: str, declared: DeclaredModel, pool: str | None, warm: dict[str, Any],
           task_id: str) -> Loaded:
     spec = declared.spec
-    _publish(store, node, LOADING, task_id)
+    _publish(store, node, LOADING, task_id, pool)
     started = time.monotonic()
     try:
         obj = declared.loader()
@@ -132,7 +133,7 @@ def run_warm(task: Any, body: Callable[[], Any]) -> Any:
             loaded = _load(store, node, declared, pool, warm, request.id)
         elif warm.get("claim") and pool is not None:  # it was warm here after all: the claim is not needed
             store.move(pool, warm["reservation"], "", warm["claim"])
-    _publish(store, node, BUSY, request.id)
+    _publish(store, node, BUSY, request.id, pool)
     set_current(loaded.obj)
     try:
         return body()

@@ -63,6 +63,7 @@ class Reporter:
     def state(self) -> dict[str, Any]:
         c = self.controller
         gate = c.gate
+        c.warm.read()  # what the pool processes hold now (loading, ready, busy), for the GPUs' state
         used = gate.ledger.used(gate.pools())
         with c.lock:
             activity = {uuid: c.activity.of(uuid) for uuid in gate.known}

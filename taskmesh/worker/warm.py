@@ -174,8 +174,8 @@ class WarmModels:
     def gpu_view(self, uuid: str, running: bool) -> dict[str, Any]:
         """The GPU's state (idle, loading, ready, busy, unloading) and the models warm on it."""
         pool = gpu_pool(uuid)
-        here = [e for e in self.entries.values() if any(m.get("pool") == pool for m in e["models"].values())
-                or e.get("state") not in (IDLE, READY, BUSY)]
+        here = [e for e in self.entries.values()
+                if e.get("pool") == pool or any(m.get("pool") == pool for m in e["models"].values())]
         models = {name: m for e in here for name, m in e["models"].items() if m.get("pool") == pool}
         moving = [e["state"] for e in here if e.get("state") not in (IDLE, READY, BUSY)]
         state = moving[0] if moving else BUSY if running else READY if models else IDLE
