@@ -6,7 +6,8 @@ Starts its own redis-server and a ``taskmesh worker --profile gpu`` on one simul
 48 GiB GPU (``tests/apps/model_app.py``: a 16 GiB model whose loader sleeps 1 s), sends
 *tasks* (default 40) tasks of 0.2 s for that model, and prints, per pool: model loads,
 the most GPU memory the ledger held (during the first load every slot's task carries the
-model's memory, as none is warm yet), what it holds once the tasks ended, and the makespan. Everything it starts is stopped by pid.
+model's memory, as none is warm yet), what it holds once the tasks ended, and the
+makespan. Everything it starts is stopped by pid.
 """
 
 from __future__ import annotations

@@ -207,3 +207,16 @@ def test_a_sigkilled_worker_holding_a_model_loses_its_reservation_at_expiry(mode
     child.send_signal(signal.SIGKILL)  # the model is really gone with its process
     wait_until(lambda: holders(broker) == {}, "the dead worker's model reservation expired", timeout=20)
     assert broker.hgetall(f"{MODELS_HELD}gpu0@{HOST}")  # nobody was left to clean the hash: only expiry freed it
+
+
+@pytest.mark.slow
+def test_a_pool_process_that_dies_with_its_model_has_it_released_by_its_worker(model_app, broker, processes):
+    node = start_gpu(processes, model_app.app)  # reservations expire after the default 15 s TTL
+    first = model_app.use_cheap.delay().get(timeout=60)["pid"]
+    wait_until(lambda: list(holders(broker)) == [f"model:{node}/{first}/cheap"], "the model's reservation alone")
+    psutil.Process(first).send_signal(signal.SIGKILL)  # Celery starts another pool process
+    # well before the TTL: released by the worker, which saw the process gone, not by expiry
+    wait_until(lambda: holders(broker) == {}, "the dead process's model released", timeout=8)
+    second = model_app.use_cheap.delay().get(timeout=60)["pid"]
+    assert second != first and events(broker) == ["load:cheap", "load:cheap"]
+    wait_until(lambda: list(holders(broker)) == [f"model:{node}/{second}/cheap"], "only the new copy counted")
