@@ -165,21 +165,28 @@ def test_an_idle_model_is_evicted_when_and_only_when_the_waiting_work_outweighs_
         model_app, broker, processes):
     start_gpu(processes, model_app.app)
     model_app.use_cheap.delay().get(timeout=60)
-    # 16 GiB of plain work waits behind cheap (reload ~1 s) for its expected 10 s: cheap goes
-    model_app.plain.delay().get(timeout=60)
+    # 16 GiB of plain work, expected 10 s before any run is measured, waits behind cheap (reload ~1 s): cheap goes
+    model_app.plain.delay(2.0).get(timeout=60)
     assert events(broker) == ["load:cheap", "unload:cheap"]
     (evicted,) = decisions(model_app.app)
     assert evicted["evicted"] and evicted["evict"] == ["cheap"] and evicted["reason"].startswith("evict cheap")
-    model_app.use_dear.delay().get(timeout=60)  # learned ~420 s: 0.3 x the ~1 s measured + 0.7 x the 600 s declared
-    waiting = model_app.plain.delay()
-    wait_until(lambda: len(decisions(model_app.app)) == 2, "the worker decided about the second plain task")
+    wait_until(lambda: broker.hget("taskmesh:runtimes", "t:tests.apps.model_app.plain:count"), "plain's run learned")
+    model_app.use_dear.delay().get(timeout=60)  # learned ~42 s: 0.3 x the ~1 s measured + 0.7 x the 60 s declared
+    waiting = [model_app.plain.delay()]  # ~2 s of work against ~42 s of reload: dear stays
+    wait_until(lambda: len(decisions(model_app.app)) == 2, "the worker decided about the waiting plain task")
     kept = decisions(model_app.app)[0]
     assert not kept["evicted"] and kept["kept"] == ["dear"] and kept["reason"].startswith("keep dear: waiting work")
-    assert not waiting.ready() and events(broker) == ["load:cheap", "unload:cheap", "load:dear"]
+    assert not waiting[0].ready() and events(broker) == ["load:cheap", "unload:cheap", "load:dear"]
     assert any(r.startswith("model:") and r.endswith("/dear") for r in holders(broker))
+    waiting += [model_app.plain.delay() for _ in range(25)]  # 26 x ~2 s waiting now outweighs the reload
+    for result in waiting:
+        result.get(timeout=60)
+    assert events(broker) == ["load:cheap", "unload:cheap", "load:dear", "unload:dear"]
+    last = decisions(model_app.app)[0]
+    assert last["evicted"] and last["evict"] == ["dear"] and last["waiting_s"] > 40, last
     shown = json.loads(subprocess.run([sys.executable, "-m", "taskmesh", "-A", APP, "status", "--json"], cwd=ROOT,
                                       capture_output=True, text=True, timeout=60, check=True).stdout)
-    assert [d["reason"][:10] for d in shown["models"]["evictions"]] == ["keep dear:", "evict chea"]
+    assert [d["reason"][:10] for d in shown["models"]["evictions"]] == ["evict dear", "keep dear:", "evict chea"]
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ hold to the worker's model hash. Here, in the main process:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -38,8 +39,11 @@ from taskmesh.core.models import (
     WarmModel,
     plan_eviction,
 )
-from taskmesh.state.keys import RUNTIMES
+from taskmesh.state.keys import RUNTIMES, layout
 from taskmesh.state.models import ModelStore
+from taskmesh.state.queues import next_tasks
+
+QUEUE_SAMPLE = 64  # messages read from the head's queue to count the work waiting there
 
 
 class WarmModels:
@@ -138,9 +142,7 @@ class WarmModels:
                           or DEFAULT_LOAD_S, bool(m.get("never_evict")), m["reservation"])
                 for name, m in entry["models"].items()]
         line = [held] + [h for h in c.held if h is not held]
-        # the work that memory would serve: not tasks for the idle models themselves, which need none of it
-        waiting_s = sum(self._expected_run_s(h) for h in line
-                        if h.requirement.needs_gpu and h.requirement.model not in entry["models"])
+        waiting_s = self._waiting_s(line, held, set(entry["models"]))
         plan = plan_eviction(short, idle, waiting_s)
         task_id = held.message.headers.get("id")
         if (task_id, plan.evicts) not in self.recorded:
@@ -164,8 +166,22 @@ class WarmModels:
                                                                              strict=True))
         return dataclasses.replace(decision, amounts=full), [(m.name, m.vram_mib) for m in plan.evict]
 
-    def _expected_run_s(self, held: Any) -> float:
-        name = held.message.headers.get("task")
+    def _waiting_s(self, line: list[Any], held: Any, idle: set[str]) -> float:
+        """The work the memory would serve: the held GPU tasks and the next ``QUEUE_SAMPLE`` out
+        of the head's queue, each for its learned mean run time; tasks for the idle models
+        themselves are left out (they need none of it)."""
+        names = collections.Counter(h.message.headers.get("task") for h in line
+                                    if h.requirement.needs_gpu and h.requirement.model not in idle)
+        queue = (held.message.delivery_info or {}).get("routing_key")
+        if queue:
+            app = self.c.consumer.app
+            for name, count in next_tasks(self.c.registry.client, queue, QUEUE_SAMPLE, **layout(app)).items():
+                requirement = getattr(app.tasks.get(name), "requirement", None)
+                if requirement is None or (requirement.needs_gpu and requirement.model not in idle):
+                    names[name] += count
+        return sum(count * self._expected_run_s(name) for name, count in names.items())
+
+    def _expected_run_s(self, name: str | None) -> float:
         total, count = self.c.registry.client.hmget(RUNTIMES, f"t:{name}:sum", f"t:{name}:count")
         return float(total) / float(count) if total and count and float(count) else DEFAULT_RUN_S
 

@@ -37,7 +37,7 @@ def _unload(obj: dict[str, Any]) -> None:
 
 cheap = app.model("cheap", vram="16GiB", load_s=1)(_loader("cheap"))
 cheap.unloader(_unload)
-dear = app.model("dear", vram="16GiB", load_s=600, unloader=_unload)(_loader("dear"))
+dear = app.model("dear", vram="16GiB", load_s=60, unloader=_unload)(_loader("dear"))
 brain = app.model("brain", vram="16GiB", load_s=1, never_evict=True, unloader=_unload)(_loader("brain"))
 
 
