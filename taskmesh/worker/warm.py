@@ -105,6 +105,7 @@ class WarmModels:
     def decide(self, held: Any, reservation: str) -> Decision:
         requirement = held.requirement
         spec = self.specs.get(requirement.model or "")
+        held.message.headers.pop(WARM_HEADER, None)  # a retry's copy of an earlier run's instructions
         if not self.specs or not requirement.needs_gpu:
             return self.c.gate.decide(requirement, reservation)
         entries = self.read()
