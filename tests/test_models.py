@@ -30,6 +30,7 @@ from taskmesh.state.ledger import Ledger
 
 from .conftest import ROOT, wait_for_workers
 from .test_release import wait_until
+from .test_status import frame_text
 
 HOST = socket.gethostname()
 APP = "tests.apps.model_app"
@@ -133,6 +134,7 @@ def test_many_tasks_for_a_warm_model_load_it_once_and_count_it_once(model_app, b
     assert 0.3 < status["models"]["learned_load_s"]["cheap"] < 5  # measured about 1 s, from a guess of 1 s
     assert warm_line(gpu, status["at"]).startswith("GPU 0: [READY] cheap  idle ")
     assert warm_line(gpu, status["at"]).endswith("tasks: 20")
+    assert warm_line(gpu, status["at"]) in frame_text(status)  # the line as taskmesh top draws it
     flower = model_app.app.control.inspect(destination=[node], timeout=5).stats()[node]["taskmesh_gpus"]
     assert flower.endswith(", 0 running, READY cheap"), flower  # Flower's worker page, "Other" tab
     families = {f.name: f for f in TaskmeshCollector(model_app.app, broker).families()}
