@@ -1,7 +1,16 @@
 """taskmesh: resource-aware Celery. Declare what a task needs; it lands where it fits."""
 
 from taskmesh.app import TaskmeshCelery, TaskmeshTask, create_app
-from taskmesh.core.errors import ConfigError, InfeasibleRequirement, QueueFull, RequirementError, TaskmeshError
+from taskmesh.app.models import current_model
+from taskmesh.core.errors import (
+    ConfigError,
+    InfeasibleRequirement,
+    ModelDeclarationError,
+    ModelLoadError,
+    QueueFull,
+    RequirementError,
+    TaskmeshError,
+)
 from taskmesh.core.gpus import GpuInfo, GpuProvider
 from taskmesh.core.profiles import Priority, Profile
 from taskmesh.core.requirements import Requirement
@@ -13,6 +22,8 @@ __all__ = [
     "GpuInfo",
     "GpuProvider",
     "InfeasibleRequirement",
+    "ModelDeclarationError",
+    "ModelLoadError",
     "NvmlProvider",
     "Priority",
     "Profile",
@@ -24,5 +35,6 @@ __all__ = [
     "TaskmeshError",
     "TaskmeshTask",
     "create_app",
+    "current_model",
 ]
 __version__ = "0.1.0"

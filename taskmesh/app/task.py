@@ -16,6 +16,7 @@ from celery import Task
 
 from taskmesh.app.progress import report_progress
 from taskmesh.app.sending import RETURNED, name_priority
+from taskmesh.app.warm import run_warm
 from taskmesh.core.requirements import Requirement
 
 _MIXED: dict[type, type] = {}
@@ -42,7 +43,9 @@ class TaskmeshTask(Task):
         # body) is sent for a finished task and must not be refused (``app.sending``).
         request = self.request
         try:
-            return super().__call__(*args, **kwargs)
+            if request.called_directly:
+                return super().__call__(*args, **kwargs)
+            return run_warm(self, lambda: super(TaskmeshTask, self).__call__(*args, **kwargs))
         finally:
             if not request.called_directly:
                 setattr(request, RETURNED, True)

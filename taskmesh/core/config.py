@@ -88,6 +88,7 @@ class Config:
         default_factory=lambda: {q: QueueConfig() for q in QUEUES}
     )
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    models: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # name → load_s, never_evict
     admission: AdmissionConfig = AdmissionConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
 
@@ -195,6 +196,7 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
         task_groups=groups,
         queues=queues,
         tasks=data.get("tasks", {}),
+        models=data.get("models", {}),
         admission=_fenced(source, AdmissionConfig(**admission)),
         rebalance=RebalanceConfig(**data.get("rebalance", {})),
     )

@@ -154,6 +154,12 @@ _QUEUE_SCHEMA = {
 }
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
 def _home(value: Any) -> str | None:
     if value in (None, "none"):
         return None
@@ -203,6 +209,7 @@ SCHEMA: _Schema = {
     "tasks": {"*": {option: (lambda v: v) for option in REQUIREMENT_OPTIONS + ("priority",)}},
     "admission": _ADMISSION_SCHEMA,
     "rebalance": _REBALANCE_SCHEMA,
+    "models": {"*": {"load_s": _positive_number, "never_evict": _flag}},
 }
 
 #: environment variable → (dotted key, converter); applied over the file.

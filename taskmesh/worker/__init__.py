@@ -9,6 +9,7 @@ run ends. ``refusal`` and ``envelope`` keep unreadable messages from reaching Ce
 the task consumer; ``gpu_queues`` decides which GPU queues it takes from; ``heartbeat``
 renews the worker's ``lease``, announces it, refreshes its reservations and triggers
 ``recovery`` of dead workers' messages; ``control`` holds the remote-control commands;
-``report`` what ``inspect stats`` and events show. May import ``core``, ``hardware`` and
+``report`` what ``inspect stats`` and events show; ``warm`` admits tasks for warm
+models and decides evictions. May import ``core``, ``hardware`` and
 ``state``.
 """

@@ -38,6 +38,7 @@ from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.refusal import refuse, requirement_of
 from taskmesh.worker.strategy import is_revoked, live_request_ids
+from taskmesh.worker.warm import WarmModels
 
 log = logging.getLogger(__name__)
 RECONCILE_AFTER_S = 2.0
@@ -67,6 +68,7 @@ class AdmissionController:
         self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
         self.pool_history: list[tuple[float, int]] = []  # (time, size) after each resize
         self.no_gpu = None if gate.known else gpu_problem(gate.provider, gate.gpu_uuids) or "no GPU found"
+        self.warm = WarmModels(self)  # declared models: what the pool processes hold, eviction
 
     # --- messages -------------------------------------------------------------------
 
@@ -122,7 +124,7 @@ class AdmissionController:
         if task_id in self.reservations:  # a retry delivered before its last run let go: that release would free it
             decision: Decision = Wait(f"the previous run of {task_id} still holds its reservation")
         else:  # by incarnation: a restart under the same name must not adopt its predecessor's reservation
-            decision = self.gate.decide(held.requirement, f"{self.node}#{self.incarnation}/{task_id}")
+            decision = self.warm.decide(held, f"{self.node}#{self.incarnation}/{task_id}")
         if isinstance(decision, Wait):
             self.counters["waits"] += 1
             self.reasons["waiting"] = decision.reason
@@ -276,9 +278,11 @@ class AdmissionController:
             return list(self.tags.values())
 
     def held_reservations(self) -> dict[str, dict[str, int]]:
-        """Reservation id → pool → amount, for every task admitted and not yet finished."""
+        """Reservation id → pool → amount, for every task admitted and not yet finished, and every
+        model a pool process holds warm."""
         with self.lock:
-            return {run.admitted.reservation: run.admitted.claims() for run in self.reservations.values()}
+            tasks = {run.admitted.reservation: run.admitted.claims() for run in self.reservations.values()}
+        return self.warm.held(tasks)
 
     def release_all(self) -> None:
         """At shutdown: give every reservation back now rather than at its expiry."""
@@ -287,3 +291,4 @@ class AdmissionController:
             self.reservations.clear()
         for run in entries:
             self.gate.ledger.release(run.admitted.reservation, run.admitted.pools)
+        self.warm.release_all()

@@ -24,7 +24,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
-from taskmesh.core.headers import GPUS_HEADER
+from taskmesh.core.headers import GPUS_HEADER, WARM_HEADER
 
 #: This worker process's controller and run-once guard (a worker process has one consumer); set by the bootstep.
 current: Any = None
@@ -99,9 +99,9 @@ def admit_when_due(consumer: Any, controller: Any) -> None:
 
     def on_task_request(request: Request) -> None:
         def start() -> None:
-            admitted = request.message.headers.get(GPUS_HEADER)
-            if admitted is not None:  # the request copied the headers on arrival, before admission
-                request.request_dict[GPUS_HEADER] = admitted
+            for header in (GPUS_HEADER, WARM_HEADER):  # the request copied the headers on arrival, before admission
+                if request.message.headers.get(header) is not None:
+                    request.request_dict[header] = request.message.headers[header]
             hand_over(request)
 
         if not controller.due(request.message, start, lambda: _give_back(request)):
