@@ -35,6 +35,7 @@ from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_nee
 from taskmesh.worker.held import Held, Running, expired, start_held, takes_more
 from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
+from taskmesh.worker.recovery import put_back_line
 from taskmesh.worker.refusal import refuse, requirement_of
 from taskmesh.worker.strategy import is_revoked, live_request_ids
 
@@ -197,9 +198,11 @@ class AdmissionController:
             self._requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
 
     def _requeue_held(self, why: str) -> None:
-        while self.held:  # the last first, so that the line is back in its order at the front of the queue
+        if self.held:  # in one step, or a fetch meanwhile (intake is open while backfilling) would reorder it
+            put_back_line([held.message for held in self.held])  # Redis unreachable: all stay held, for ``let_go``
+        while self.held:
             held = self.held[-1]
-            held.give_back()  # if Redis is unreachable, what is left stays held, for ``let_go``
+            held.give_back(restore=False)
             self.held.pop()
             with self.lock:
                 self.tags.pop(held.message.headers.get("id"), None)

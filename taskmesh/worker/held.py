@@ -42,7 +42,7 @@ class Held:
     proceed: Callable[[], Any]
     requirement: Requirement
     since: float
-    give_back: Callable[[], Any]  # requeue it at the front of its queue, unacknowledged till now
+    give_back: Callable[..., Any]  # requeue it at the front of its queue (restore=False: already put back)
 
 
 def size_of(held: Held) -> float:

@@ -13,7 +13,8 @@ stalled would otherwise, on acknowledging its own copy, delete the entry of the 
 running elsewhere, and a crash of that worker would then lose the message.
 
 A live worker whose broker connection dropped while Redis was down puts back its own
-held messages with ``put_back`` (kombu could not restore them as the channel closed).
+held messages with ``put_back`` (kombu could not restore them as the channel closed),
+and hands its held line back with ``put_back_line``.
 """
 
 from __future__ import annotations
@@ -92,3 +93,29 @@ def put_back(channel: Any, tags: Iterable[str]) -> int:
             channel.qos.restore_by_tag(tag, client=channel.client, leftmost=False)
             restored += 1
     return restored
+
+
+def put_back_line(messages: list[Any]) -> None:
+    """Put a worker's held *messages* (unacknowledged, in line order) back at the front of
+    their queues in one transaction, the first of the line first to be taken again.
+
+    One by one, a BRPOP already waiting on the queue (the worker's own, while it takes
+    messages behind a held head) would take the first put back — the last of the line —
+    and put it at the head. A message no longer unacknowledged is left alone.
+    """
+    if not messages:
+        return
+    channel = messages[0].channel
+    qos, tags = channel.qos, [m.delivery_tag for m in messages]
+
+    def restore(pipe: Any) -> None:
+        payloads = [pipe.hget(qos.unacked_key, tag) for tag in tags]
+        pipe.multi()
+        for tag, payload in reversed(list(zip(tags, payloads, strict=True))):  # each goes to the front
+            qos._remove_from_indices(tag, pipe)
+            if payload:
+                message, exchange, routing_key = loads(bytes_to_str(payload))
+                channel._do_restore_message(message, exchange, routing_key, pipe, False)
+
+    with channel.conn_or_acquire() as conn:
+        conn.transaction(restore, qos.unacked_key)
