@@ -17,4 +17,5 @@ SCENARIOS = {
     "fleet": "benchmarks.fleet",
     "rebalance": "benchmarks.rebalance",
     "packing": "benchmarks.packing",
+    "one_gpu": "benchmarks.one_gpu",
 }

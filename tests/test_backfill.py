@@ -15,6 +15,8 @@ import redis
 from benchmarks.fleet import SIM_TTL_S
 from benchmarks.simulate import Simulation
 from benchmarks.synthetic import Host
+from taskmesh.core.config import load_config
+from taskmesh.core.errors import ConfigError
 from taskmesh.core.held_line import LinePolicy, start_from_line
 from taskmesh.core.profiles import Priority
 from taskmesh.core.requirements import Requirement
@@ -89,6 +91,23 @@ def test_the_window_and_the_free_pool_slots_bound_what_starts():
                               size=lambda j: j[1], priority=lambda j: j[2], slots=2)
     assert [j[0] for j in started] == ["s0", "s1"] and gpu.asked == ["head", "s0", "s1"]
     assert play(line_of(*jobs), free=10, backfill_window=3) == ["s0", "s1", "s2"]
+
+
+def test_the_backfill_settings_are_checked_and_can_be_set_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "hw.yaml"
+    path.write_text("admission:\n  backfill: first_fit\n  max_head_wait_s: 12\n  backfill_window: 3\n")
+    assert load_config(path).admission.line_policy() == LinePolicy("first_fit", 12.0, 3)
+    monkeypatch.setenv("TASKMESH_BACKFILL", "strict")
+    monkeypatch.setenv("TASKMESH_MAX_HEAD_WAIT_S", "5")
+    monkeypatch.setenv("TASKMESH_BACKFILL_WINDOW", "0")
+    assert load_config(path).admission.line_policy() == LinePolicy("strict", 5.0, 0)
+    monkeypatch.setenv("TASKMESH_BACKFILL", "fastest")
+    with pytest.raises(ConfigError, match="TASKMESH_BACKFILL: 'fastest' is not a backfill rule; use one of best_fit"):
+        load_config(path)
+    monkeypatch.delenv("TASKMESH_BACKFILL")
+    path.write_text("admission:\n  backfill_window: -1\n")
+    with pytest.raises(ConfigError, match="admission.backfill_window.*-1 is not a whole number >= 0"):
+        load_config(path)
 
 
 # --- on a real worker ---------------------------------------------------------------
