@@ -1,5 +1,7 @@
 """What the admission controller keeps per message: a held one (not admitted yet) and a
-running one (admitted, with what it holds and what is needed to learn its run time)."""
+running one (admitted, with what it holds and what is needed to learn its run time);
+and how the held-line policy (``core.held_line``) reads a held message: its size and
+its Celery priority, on the worker's monotonic clock."""
 
 from __future__ import annotations
 
