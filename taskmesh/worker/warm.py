@@ -53,7 +53,9 @@ class WarmModels:
         self.specs: dict[str, ModelSpec] = {name: d.spec for name, d in declared.items()}
         self.store = ModelStore(controller.registry.client, ttl_s=getattr(controller.gate.ledger, "ttl_s", 15.0))
         self.entries: dict[int, dict[str, Any]] = {}  # the pool processes' entries, as last read
-        self.recorded: set[tuple[str, bool]] = set()  # (task id, evicts): each decision recorded once
+        # (the idle copies' reservations, evicts): a decision is recorded when it changes, not
+        # each time a held task (or, with backfill, each task of its window) asks again
+        self.recorded: set[tuple[tuple[str, ...], bool]] = set()
 
     # --- what the pool processes hold --------------------------------------------------
 
@@ -146,10 +148,11 @@ class WarmModels:
         waiting_s = self._waiting_s(line, held, set(entry["models"]))
         plan = plan_eviction(short, idle, waiting_s)
         task_id = held.message.headers.get("id")
-        if (task_id, plan.evicts) not in self.recorded:
-            if len(self.recorded) > 10_000:  # only a held task's repeated decision is worth remembering
+        seen = (tuple(sorted(m.holder for m in idle)), plan.evicts)
+        if seen not in self.recorded:
+            if len(self.recorded) > 10_000:
                 self.recorded.clear()
-            self.recorded.add((task_id, plan.evicts))
+            self.recorded.add(seen)
             self.store.record_eviction({
                 "at": time.time(), "node": c.node, "gpu": gpu.uuid, "task": held.message.headers.get("task"),
                 "task_id": task_id, "need_mib": need, "short_mib": short, "waiting_s": round(waiting_s, 3),
