@@ -14,8 +14,10 @@ from typing import Any
 
 from celery import Task
 
+from taskmesh.app.batching import cached_result, check_batch_call, remember_result
 from taskmesh.app.progress import report_progress
 from taskmesh.app.sending import RETURNED, name_priority
+from taskmesh.core.batching import Batching
 from taskmesh.core.requirements import Requirement
 
 _MIXED: dict[type, type] = {}
@@ -33,8 +35,16 @@ class TaskmeshTask(Task):
     Strategy = "taskmesh.worker.strategy:admission_strategy"
     Request = "taskmesh.worker.strategy:AdmittedRequest"
 
+    batching: Batching | None = None  # batch_size / cache_ttl (``app.batching``)
+
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
         name_priority(options, self.requirement.priority)
+        if self.batching is not None:
+            if self.batching.size is not None:
+                check_batch_call(self, args, kwargs)
+            hit = cached_result(self, args, kwargs, task_id, options)
+            if hit is not None:
+                return hit
         return super().apply_async(args, kwargs, task_id, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -42,7 +52,10 @@ class TaskmeshTask(Task):
         # body) is sent for a finished task and must not be refused (``app.sending``).
         request = self.request
         try:
-            return super().__call__(*args, **kwargs)
+            value = super().__call__(*args, **kwargs)
+            if self.batching is not None and not request.called_directly:
+                remember_result(self, args, kwargs, value)
+            return value
         finally:
             if not request.called_directly:
                 setattr(request, RETURNED, True)

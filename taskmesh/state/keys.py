@@ -31,6 +31,11 @@ ALERTS = "taskmesh:alerts"  # alert key → JSON
 DEAD_LETTERS = "taskmesh:dead-letters"  # task id → JSON: tasks that failed for good, and messages refused unrun
 ONCE_PREFIX = "taskmesh:once:"  # + task id + ":" + retries: "running:<holder>" or "done" (once=True tasks)
 
+# --- micro-batching, batch jobs and result caching ---
+BATCH_JOB_PREFIX = "taskmesh:batch:"  # + batch id: hash task, total, created, cancelled; + ":ids": its task ids
+BATCH_STATS = "taskmesh:batch-stats"  # "<task>|calls", "|items", "|seconds", "|size_le_<n>": batches run, per task
+CACHE_PREFIX = "taskmesh:cache:"  # + task + ":" + digest of the arguments: the JSON result, with the task's TTL
+
 
 def simulation_key(host: str) -> str:
     """The hash that drives a host's simulated GPUs (``SimulationControl``)."""

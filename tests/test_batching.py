@@ -1,0 +1,112 @@
+"""Micro-batching on real workers: one function call per batch, one result per item under
+its own task id, nothing lost when the worker is killed mid-batch, CRITICAL items not kept
+waiting for a batch to fill; batch jobs with progress; cached results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import pytest
+
+from taskmesh import Priority
+from taskmesh.state.keys import COUNTERS, INFLIGHT, UNACKED
+
+from .conftest import bind, queue_depth, wait_for_workers
+
+APP = "tests.apps.batch_app"
+HOST = os.uname().nodename
+GPU = {"TASKMESH_SIMULATE_GPUS": "1x24GiB"}
+
+
+@pytest.fixture
+def batch_app(broker_url: str):
+    from tests.apps import batch_app
+
+    return bind(batch_app, broker_url)
+
+
+def calls(broker) -> list[list]:
+    return [json.loads(c) for c in broker.lrange("test:batch-calls", 0, -1)]
+
+
+def wait_until(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout}s"
+        time.sleep(0.05)
+
+
+def start_gpu_worker(processes, app, name: str, env: dict[str, str] | None = None):
+    node = f"{name}@{HOST}"
+    worker = processes.celery_worker(APP, "-Q", "gpu", "-c", "1", "-n", node, env={**GPU, **(env or {})})
+    wait_for_workers(app, [node])
+    return worker
+
+
+@pytest.mark.slow
+def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_result(batch_app, broker,
+                                                                                     processes):
+    n = 300
+    values = [*range(n - 1), -5]  # the last item fails alone: the function returns an exception for it
+    results = [batch_app.square.delay(v) for v in values]
+    start_gpu_worker(processes, batch_app.app, "batcher")
+    later = batch_app.square.apply_async((1000,), countdown=3)
+    for value, result in zip(values[:-1], results[:-1], strict=True):
+        assert result.get(timeout=60) == value * value
+    with pytest.raises(Exception, match="negative item -5"):
+        results[-1].get(timeout=60)
+    assert results[-1].state == "FAILURE"
+    assert later.get(timeout=60) == 1000 * 1000  # a countdown item joins a batch when it comes due
+    made = calls(broker)
+    assert sorted(v for call in made for v in call) == sorted([*values, 1000])  # every item once
+    assert max(len(call) for call in made) == 32
+    assert len(made) <= math.ceil(n / 32) + 2  # about n/32 calls, not n
+    wait_until(lambda: broker.hlen(UNACKED) == 0, "every message acknowledged")
+
+
+def tracked_by_registry(broker) -> set[bytes]:
+    """Delivery tags the workers' heartbeats announced (what recovery gives back if they die)."""
+    return {tag for key in broker.scan_iter(INFLIGHT + "*") for tag in broker.smembers(key)}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_loses_no_item(batch_app, broker, processes):
+    env = {"TASKMESH_RESERVATION_TTL_S": "6", "TASKMESH_DEAD_AFTER_S": "8"}
+    values = list(range(20))
+    results = [batch_app.gated.delay(v) for v in values]
+    doomed = start_gpu_worker(processes, batch_app.app, "doomed", env)
+    wait_until(lambda: len(calls(broker)) == 1, "a batch started")  # it blocks until the gate opens
+    running = calls(broker)[0]
+    assert len(running) == 8
+    # deterministic: every message the worker holds is known to the registry before the kill
+    wait_until(lambda: set(broker.hkeys(UNACKED)) <= tracked_by_registry(broker), "the held messages announced")
+    assert broker.hlen(UNACKED) >= 8
+    os.killpg(doomed.pid, signal.SIGKILL)
+    broker.set(batch_app.GATE, 1)
+    start_gpu_worker(processes, batch_app.app, "survivor", env)
+    assert [r.get(timeout=90) for r in results] == [v + 1000 for v in values]
+    again = [v for call in calls(broker)[1:] for v in call]
+    assert sorted(again) == values  # the killed batch's items ran again; every item ran after the kill
+    wait_until(lambda: broker.hlen(UNACKED) == 0 and queue_depth(broker, "gpu") == 0, "everything acknowledged")
+
+
+@pytest.mark.slow
+def test_batches_keep_celerys_priorities_revokes_and_time_limits(batch_app, broker, processes):
+    start_gpu_worker(processes, batch_app.app, "gpu1")
+    low = [batch_app.slow_to_fill.apply_async((f"low{i}",), priority=Priority.LOW) for i in range(3)]
+    wait_until(lambda: queue_depth(broker, "gpu") == 0 and broker.hlen(UNACKED) == 3, "the LOW items buffered")
+    batch_app.app.control.revoke(low[1].id, reply=True, timeout=5)
+    # batch_wait is 60 s and batch_size 32: only the CRITICAL item's arrival can start this batch now
+    critical = batch_app.slow_to_fill.apply_async(("urgent",), priority=Priority.CRITICAL)
+    assert critical.get(timeout=20) == "done urgent"
+    assert [low[0].get(timeout=5), low[2].get(timeout=5)] == ["done low0", "done low2"]
+    assert low[1].state == "REVOKED"
+    assert calls(broker) == [["low0", "low2", "urgent"]]
+    slow = [batch_app.too_slow.delay(i) for i in range(4)]  # time_limit=1.5 for the whole batch
+    for result in slow:
+        with pytest.raises(Exception, match="TimeLimitExceeded"):
+            result.get(timeout=30)
