@@ -1,6 +1,7 @@
 """taskmesh: resource-aware Celery. Declare what a task needs; it lands where it fits."""
 
 from taskmesh.app import TaskmeshCelery, TaskmeshTask, create_app
+from taskmesh.app.batch_jobs import batch_status, cancel_batch, submit_batch
 from taskmesh.core.errors import ConfigError, InfeasibleRequirement, QueueFull, RequirementError, TaskmeshError
 from taskmesh.core.gpus import GpuInfo, GpuProvider
 from taskmesh.core.profiles import Priority, Profile
@@ -23,6 +24,9 @@ __all__ = [
     "TaskmeshCelery",
     "TaskmeshError",
     "TaskmeshTask",
+    "batch_status",
+    "cancel_batch",
     "create_app",
+    "submit_batch",
 ]
 __version__ = "0.1.0"

@@ -245,6 +245,7 @@ LAZY_COMMANDS = {
     "top": "taskmesh.observe.top:top",
     "exporter": "taskmesh.observe.exporter:exporter",
     "dlq": "taskmesh.cli_dlq:dlq",
+    "batch": "taskmesh.cli_batch:batch",
     "bench": "benchmarks.command:bench",
 }
 

@@ -8,14 +8,16 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from taskmesh import Priority
+from taskmesh import Priority, batch_status, submit_batch
 from taskmesh.state.keys import COUNTERS, INFLIGHT, UNACKED
 
-from .conftest import bind, queue_depth, wait_for_workers
+from .conftest import ROOT, bind, queue_depth, wait_for_workers
 
 APP = "tests.apps.batch_app"
 HOST = os.uname().nodename
@@ -110,3 +112,51 @@ def test_batches_keep_celerys_priorities_revokes_and_time_limits(batch_app, brok
     for result in slow:
         with pytest.raises(Exception, match="TimeLimitExceeded"):
             result.get(timeout=30)
+
+
+def batch_cli(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "taskmesh", "-A", APP, "batch", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_a_batch_job_reports_progress_and_eta_and_cancel_revokes_what_has_not_started(batch_app, broker,
+                                                                                     processes):
+    start_gpu_worker(processes, batch_app.app, "jobs")
+    job = submit_batch(batch_app.gated, [*range(8), *range(100, 108)])  # two batches of 8, each behind its gate
+    wait_until(lambda: len(calls(broker)) == 1, "the first batch started")
+    status = batch_status(batch_app.app, job)
+    assert (status["total"], status["done"], status["progress"], status["eta_s"]) == (16, 0, 0.0, None)
+    broker.set(batch_app.GATE, 1)
+    wait_until(lambda: batch_status(batch_app.app, job)["done"] == 8, "the first batch's items done")
+    status = batch_status(batch_app.app, job)
+    assert status["progress"] == 0.5 and status["running_or_waiting"] == 8 and status["eta_s"] > 0
+    assert "8/16 ended (50%)" in batch_cli("status", job)
+    broker.set(f"{batch_app.GATE}:1", 1)
+    wait_until(lambda: batch_status(batch_app.app, job)["done"] == 16, "every item done")
+    assert batch_status(batch_app.app, job)["progress"] == 1.0
+
+    cancelled = submit_batch(batch_app.gated, range(200, 216))
+    wait_until(lambda: len(calls(broker)) == 3, "the cancelled job's first batch started")
+    wait_until(lambda: batch_status(batch_app.app, cancelled)["running_or_waiting"] == 16, "started ones stored")
+    assert batch_cli("cancel", cancelled).strip() == "revoked 8 item(s) not started"
+    broker.set(f"{batch_app.GATE}:2", 1)
+    wait_until(lambda: batch_status(batch_app.app, cancelled)["progress"] == 1.0, "the cancelled job ended")
+    status = batch_status(batch_app.app, cancelled)
+    assert (status["done"], status["revoked"], status["cancelled"]) == (8, 8, True)
+    assert len(calls(broker)) == 3  # the revoked half never ran
+
+
+@pytest.mark.slow
+def test_a_cache_ttl_task_called_twice_with_the_same_arguments_runs_once(batch_app, broker, processes):
+    processes.celery_worker(APP, "-Q", "cpu_intensive", "-c", "1", "-n", f"cache@{HOST}")
+    wait_for_workers(batch_app.app, [f"cache@{HOST}"])
+    first = batch_app.cached_double.delay(21)
+    assert first.get(timeout=30) == 42
+    second = batch_app.cached_double.delay(21)
+    assert second.id != first.id and second.get(timeout=30) == 42
+    assert batch_app.cached_double.delay(5).get(timeout=30) == 10  # other arguments run: the task could run again
+    assert [int(r) for r in broker.lrange(batch_app.RUNS, 0, -1)] == [21, 5]
+    assert int(broker.hget(COUNTERS, "cache_hits")) == 1

@@ -21,7 +21,7 @@ from taskmesh.state.keys import BATCH_JOB_PREFIX, BATCH_STATS, CACHE_PREFIX, COU
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the batch size histogram's upper bounds; then +Inf
 CHUNK = 1000
-DONE, FAILED = ("SUCCESS",), ("FAILURE", "REVOKED")
+ENDED = {"SUCCESS": "done", "FAILURE": "failed", "REVOKED": "revoked"}
 
 
 def create_job(client: redis.Redis, batch_id: str, task: str, task_ids: list[str], ttl_s: int) -> None:
@@ -59,17 +59,15 @@ def result_states(client: redis.Redis, keys: list[str]) -> Iterator[str]:
 
 
 def job_progress(record: dict[str, str], states: Iterable[str], now: float | None = None) -> dict[str, Any]:
-    """Total, done, failed, progress (0..1) and an ETA: elapsed / finished × what is left."""
+    """Total, done, failed, revoked, progress (0..1) and an ETA: elapsed / ended × what is left."""
     states = list(states)
     total = int(record.get("total", len(states)))
-    done = sum(1 for s in states if s in DONE)
-    failed = sum(1 for s in states if s in FAILED)
-    finished = done + failed
+    ended = {name: sum(1 for s in states if ENDED.get(s) == name) for name in ENDED.values()}
+    finished = sum(ended.values())
     elapsed = max(0.0, (time.time() if now is None else now) - float(record.get("created", 0)))
     left = total - finished
     return {
-        "task": record.get("task"), "total": total, "done": done, "failed": failed,
-        "running_or_waiting": left, "progress": finished / total if total else 1.0,
+        "task": record.get("task"), "total": total, **ended, "running_or_waiting": left, "progress": finished / total if total else 1.0,
         "elapsed_s": round(elapsed, 3),
         "eta_s": round(elapsed / finished * left, 3) if finished and left else (0.0 if not left else None),
         "cancelled": float(record.get("cancelled") or 0) > 0,

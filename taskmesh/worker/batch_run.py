@@ -17,6 +17,7 @@ within ``max_retries``). A worker killed before that leaves every message unackn
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -64,6 +65,10 @@ def run_batch(name: str, batch_id: str, items: list[tuple[str, Any, dict[str, An
     context = Context(id=batch_id, task=name, batch=[tid for tid, _, _ in items], called_directly=False,
                       delivery_info=items[0][2].get("delivery_info"), hostname=items[0][2].get("hostname"),
                       **{GPUS_HEADER: gpus})
+    if task.track_started:  # as Celery's trace does: AsyncResult.state, Flower and cancel_batch see it started
+        for task_id, _, request in items:
+            task.backend.store_result(task_id, {"pid": os.getpid(), "hostname": request.get("hostname")}, "STARTED",
+                                      request=Context(request))
     _task_stack.push(task)
     task.request_stack.push(context)
     try:

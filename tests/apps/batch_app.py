@@ -32,13 +32,15 @@ def slow_to_fill(items: list[str]) -> list[str]:
     return [f"done {item}" for item in items]
 
 
-@app.task(profile="gpu", vram="1GiB", batch_size=8, batch_wait="200ms", time_limit=120)
+@app.task(profile="gpu", vram="1GiB", batch_size=8, batch_wait="2s", time_limit=120)
 def gated(items: list[int]) -> list[int]:
-    """Blocks until the test opens the gate: a batch known to be running."""
+    """Blocks until the test opens its gate (``GATE``; ``GATE:1`` for items from 100, ``GATE:2`` from 200 ...):
+    a batch known to be running."""
     _record(items)
     client = redis.Redis.from_url(app.conf.broker_url)
+    gate = f"{GATE}:{min(items) // 100}" if min(items) >= 100 else GATE
     deadline = time.monotonic() + 90
-    while not client.exists(GATE) and time.monotonic() < deadline:
+    while not client.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.05)
     return [x + 1000 for x in items]
 
