@@ -15,6 +15,7 @@ import time
 import pytest
 
 from taskmesh import Priority, batch_status, submit_batch
+from taskmesh.observe.metrics import TaskmeshCollector
 from taskmesh.state.keys import COUNTERS, INFLIGHT, UNACKED
 
 from .conftest import ROOT, bind, queue_depth, wait_for_workers
@@ -68,6 +69,15 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     assert max(len(call) for call in made) == 32
     assert len(made) <= math.ceil(n / 32) + 2  # about n/32 calls, not n
     wait_until(lambda: broker.hlen(UNACKED) == 0, "every message acknowledged")
+    series = {(m.name, tuple(x.labels.items()), x.name): x.value
+              for m in TaskmeshCollector(batch_app.app, broker).collect() for x in m.samples}
+    task = (("task", batch_app.square.name),)
+    assert series[("taskmesh_batch_size", task, "taskmesh_batch_size_count")] == len(made)
+    assert series[("taskmesh_batch_size", task + (("le", "32.0"),), "taskmesh_batch_size_bucket")] == len(made)
+    assert series[("taskmesh_batch_size", task + (("le", "16.0"),), "taskmesh_batch_size_bucket")] == sum(
+        1 for call in made if len(call) <= 16)
+    assert series[("taskmesh_batch_items", task, "taskmesh_batch_items_total")] == n + 1
+    assert series[("taskmesh_batch_items_per_second", task, "taskmesh_batch_items_per_second")] > 0
 
 
 def tracked_by_registry(broker) -> set[bytes]:

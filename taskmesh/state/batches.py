@@ -67,7 +67,8 @@ def job_progress(record: dict[str, str], states: Iterable[str], now: float | Non
     elapsed = max(0.0, (time.time() if now is None else now) - float(record.get("created", 0)))
     left = total - finished
     return {
-        "task": record.get("task"), "total": total, **ended, "running_or_waiting": left, "progress": finished / total if total else 1.0,
+        "task": record.get("task"), "total": total, **ended, "running_or_waiting": left,
+        "progress": finished / total if total else 1.0,
         "elapsed_s": round(elapsed, 3),
         "eta_s": round(elapsed / finished * left, 3) if finished and left else (0.0 if not left else None),
         "cancelled": float(record.get("cancelled") or 0) > 0,
