@@ -79,11 +79,8 @@ def batching_from_options(task: str, options: Mapping[str, Any], requirement: Re
     for name in ("batch_wait", "vram_per_item"):
         if name in given and size is None:
             raise RequirementError(task, f"{name} is set without batch_size; add batch_size=32 or remove {name}")
-    try:
-        wait = parse_seconds(given.get("batch_wait", DEFAULT_BATCH_WAIT_S))
-        ttl = parse_seconds(given["cache_ttl"]) if "cache_ttl" in given else None
-    except ValueError as exc:
-        raise RequirementError(task, f"batch_wait/cache_ttl: {exc}") from None
+    wait = _duration(task, "batch_wait", given.get("batch_wait", DEFAULT_BATCH_WAIT_S))
+    ttl = _duration(task, "cache_ttl", given["cache_ttl"]) if "cache_ttl" in given else None
     if ttl is not None and ttl <= 0:
         raise RequirementError(task, f"cache_ttl {given['cache_ttl']!r} must be above 0, such as '5m'")
     per_item = None
@@ -96,6 +93,13 @@ def batching_from_options(task: str, options: Mapping[str, Any], requirement: Re
         except SizeError as exc:
             raise RequirementError(task, f"vram_per_item: {exc}") from None
     return Batching(size=size, wait_s=wait, vram_per_item_mib=per_item, cache_ttl_s=ttl)
+
+
+def _duration(task: str, name: str, value: object) -> float:
+    try:
+        return parse_seconds(value)
+    except ValueError as exc:
+        raise RequirementError(task, f"{name}: {exc}") from None
 
 
 def cache_key(task: str, args: Any, kwargs: Any) -> str:
