@@ -16,4 +16,5 @@ SCENARIOS = {
     "real_gpu": "benchmarks.real_gpu",
     "fleet": "benchmarks.fleet",
     "rebalance": "benchmarks.rebalance",
+    "batching": "benchmarks.batching",
 }

@@ -10,10 +10,12 @@ one task: its requirement is the task's, with ``vram_per_item`` × items added, 
 more items than the largest GPU here can hold. ``batch_run`` runs it and ends each
 item's request.
 
-Prefetch: each buffered item raises the consumer's prefetch by one (``QoS.increment_eventually``,
-as Celery does for ETA tasks), so a worker with prefetch 1 keeps fetching while a batch
-fills; at the flush one is taken back, so a batch holds one prefetch slot however many
-items it has, and the rest are taken back when it ends.
+Prefetch: the messages a batcher holds raise the consumer's prefetch (``QoS.increment_eventually``,
+as Celery does for ETA tasks) so that a batch in flight holds one prefetch slot however
+many items it has, and buffered or scheduled items hold none; while a batch is in flight
+one slot more lets the next batch fill as it runs, until it is full. At most one batch
+per pool process is in flight: a full buffer waits for one to end, so an item revoked
+meanwhile is still left out.
 
 Nothing is lost: every item's delivery tag is in the controller's ``tags`` from
 arrival (the heartbeat announces them, so a killed worker's items are given back by
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Any
 
 from celery import signals
@@ -71,12 +74,18 @@ class Batcher:
     def __init__(self, task: Any, app: Any, consumer: Any) -> None:
         self.task, self.app, self.consumer = task, app, consumer
         self.batching = task.batching
+        self.size = task.batching.size or 1
         self.qos: Any = None  # the consumer's, from the first message; after a reconnect it has a new one
         self.Req = create_request_cls(symbol_by_name(task.Request), task, consumer.pool, consumer.hostname,
                                       consumer.event_dispatcher, app=app)
         self.revoked = consumer.controller.state.revoked
         self.buffer: list[Any] = []
+        self.scheduled = 0  # items with an ETA not yet due
+        self.batches: dict[str, int] = {}  # in flight (held for admission or on the pool): id → items
+        self.lifted = 0  # what this batcher added to the consumer's prefetch
+        self.flush_wanted = False  # a flush came due while every pool process had a batch
         self.timer: Any = None
+        self.lock = threading.Lock()
 
     # --- arrival ----------------------------------------------------------------------
 
@@ -102,9 +111,10 @@ class Batcher:
             with controller.lock:
                 controller.tags[req.id] = str(message.delivery_tag)
             controller.changed.set()
-        self.qos.increment_eventually()
         if req.eta:
             eta = to_timestamp(timezone.to_system(req.eta)) if req.utc else to_timestamp(req.eta, self.app.timezone)
+            self.scheduled += 1
+            self._settle()
             self.consumer.timer.call_at(eta, self._due, (req,), priority=6)
         else:
             self._add(req)
@@ -124,8 +134,9 @@ class Batcher:
     def _due(self, req: Any) -> None:
         if self.consumer.qos is not self.qos:
             return  # the consumer reconnected; kombu restored this message
+        self.scheduled -= 1
         if req.revoked():
-            self.qos.decrement_eventually()
+            self._settle()
             return
         self._add(req)
 
@@ -133,10 +144,23 @@ class Batcher:
         worker_state.task_reserved(req)
         self.buffer.append(req)
         priority = req.delivery_info.get("priority")
-        if len(self.buffer) >= (self.batching.size or 1) or (priority is not None and priority <= Priority.CRITICAL):
+        if len(self.buffer) >= self.size or (priority is not None and priority <= Priority.CRITICAL):
             self.flush()
-        elif self.timer is None:
+            return
+        self._settle()
+        if self.timer is None:
             self.timer = self.consumer.timer.call_after(self.batching.wait_s, self.flush)
+
+    def _settle(self) -> None:
+        """Set this batcher's share of the consumer's prefetch from what it holds (see the module)."""
+        with self.lock:
+            ahead = 1 if self.batches and len(self.buffer) < self.size else 0
+            want = self.scheduled + len(self.buffer) + sum(n - 1 for n in self.batches.values()) + ahead
+            change, self.lifted = want - self.lifted, want
+        if change > 0:
+            self.qos.increment_eventually(change)
+        elif change < 0:
+            self.qos.decrement_eventually(-change)
 
     # --- flush ------------------------------------------------------------------------
 
@@ -147,25 +171,40 @@ class Batcher:
         if self.consumer.qos is not self.qos:  # reconnected: kombu put these messages back
             self.buffer.clear()
             return
+        pool = self.consumer.pool
+        if len(self.batches) >= (getattr(pool, "num_processes", None) or pool.limit or 1):
+            self.flush_wanted = True  # when a batch ends
+            self._settle()
+            return
+        self.flush_wanted = False
         live = []
-        for req in self.buffer:
+        for req in self.buffer[:self.size]:
             if req.revoked():
-                self.qos.decrement_eventually()
-            elif len(req.args or ()) != 1 or req.kwargs:
-                self.qos.decrement_eventually()
+                continue
+            if len(req.args or ()) != 1 or req.kwargs:
                 req.on_failure(ItemFailure(TypeError(f"{self.task.name} batches its calls: send one item per call "
                                                      f"(.delay(item)), not args={req.args!r} kwargs={req.kwargs!r}")))
             else:
                 live.append(req)
-        self.buffer = []
+        self.buffer = self.buffer[self.size:]
         controller = getattr(self.consumer, "taskmesh_admission", None)
         while live:
             count = self._items_that_fit(controller, len(live))
             if count is None:
                 self._reroute(controller, live)
-                return
+                break
             self._offer(controller, live[:count])
             live = live[count:]
+        self._settle()
+        if self.buffer and self.timer is None:
+            self.timer = self.consumer.timer.call_after(self.batching.wait_s, self.flush)
+
+    def _after_batch(self, batch_id: str) -> None:
+        with self.lock:
+            self.batches.pop(batch_id, None)
+        self._settle()
+        if self.buffer and (self.flush_wanted or len(self.buffer) >= self.size):
+            self.consumer.call_soon(self.flush)
 
     def _items_that_fit(self, controller: Any, count: int) -> int | None:
         """How many of *count* items one batch may take here; ``None``: no GPU here can run even one."""
@@ -185,11 +224,11 @@ class Batcher:
             reroute(controller, req.message, decision, base)
             req.acknowledged = True
             worker_state.task_ready(req)
-            self.qos.decrement_eventually()
 
     def _offer(self, controller: Any, requests: list[Any]) -> None:
-        self.qos.decrement_eventually()  # the batch holds one prefetch slot; the others until it ends
         batch_id = f"batch-{uuid()}"
+        with self.lock:
+            self.batches[batch_id] = len(requests)
         requirement = self.batching.requirement(self.task.requirement, len(requests))
         first = requests[0].message
         envelope = BatchEnvelope(
@@ -200,15 +239,14 @@ class Batcher:
             self._dispatch(controller, batch_id, requests, envelope)
             return
         controller.offer(envelope, lambda: self._dispatch(controller, batch_id, requests, envelope),
-                         lambda: self._give_back(controller, requests))
+                         lambda: self._give_back(controller, batch_id, requests))
 
     def _dispatch(self, controller: Any, batch_id: str, requests: list[Any], envelope: BatchEnvelope) -> None:
         """Admitted: one pool job for the batch."""
         def ended() -> None:
-            if len(requests) > 1:
-                self.qos.decrement_eventually(len(requests) - 1)
             if controller is not None:
                 controller.finished(batch_id)
+            self._after_batch(batch_id)
 
         outcome = BatchOutcome(requests, ended)
         items = [(r.id, r.args[0], dict(r.request_dict)) for r in requests]
@@ -217,7 +255,7 @@ class Batcher:
             accept_callback=outcome.accepted, callback=outcome.returned, error_callback=outcome.failed,
             soft_timeout=self.task.soft_time_limit, timeout=self.task.time_limit, correlation_id=batch_id)
 
-    def _give_back(self, controller: Any, requests: list[Any]) -> None:
+    def _give_back(self, controller: Any, batch_id: str, requests: list[Any]) -> None:
         """A held batch goes back to the front of its queue (last item first, so the order is kept)."""
         for req in reversed(requests):
             requeue_at_front(req.message)
@@ -225,5 +263,4 @@ class Batcher:
             worker_state.task_ready(req)
             with controller.lock:
                 controller.tags.pop(req.id, None)
-        if len(requests) > 1:
-            self.qos.decrement_eventually(len(requests) - 1)
+        self._after_batch(batch_id)
