@@ -13,12 +13,14 @@ import sys
 import time
 
 import pytest
+import requests
 
 from taskmesh import Priority, batch_status, submit_batch
 from taskmesh.observe.metrics import TaskmeshCollector
 from taskmesh.state.keys import COUNTERS, INFLIGHT, UNACKED
 
 from .conftest import ROOT, bind, queue_depth, wait_for_workers
+from .test_flower import LOGIN, start_flower
 
 APP = "tests.apps.batch_app"
 HOST = os.uname().nodename
@@ -170,3 +172,26 @@ def test_a_cache_ttl_task_called_twice_with_the_same_arguments_runs_once(batch_a
     assert batch_app.cached_double.delay(5).get(timeout=30) == 10  # other arguments run: the task could run again
     assert [int(r) for r in broker.lrange(batch_app.RUNS, 0, -1)] == [21, 5]
     assert int(broker.hget(COUNTERS, "cache_hits")) == 1
+
+
+def flower_json(url: str, path: str, method: str = "get", **kwargs):
+    response = getattr(requests, method)(f"{url}{path}", auth=LOGIN, timeout=10, **kwargs)
+    assert response.status_code == 200, (path, response.status_code, response.text[:200])
+    return response.json()
+
+
+@pytest.mark.slow
+def test_flowers_http_api_submits_batch_items_and_reports_each_ones_result(batch_app, broker, processes):
+    start_gpu_worker(processes, batch_app.app, "flowerbatch")
+    url = start_flower(processes, APP)
+    name = batch_app.square.name
+    ids = [flower_json(url, f"/api/task/async-apply/{name}", "post", json={"args": [n]})["task-id"] for n in (3, 4)]
+    for task_id, expected in zip(ids, (9, 16), strict=True):
+        wait_until(lambda: flower_json(url, f"/api/task/result/{task_id}")["state"] == "SUCCESS",  # noqa: B023
+                   "the item's result over HTTP")
+        assert flower_json(url, f"/api/task/result/{task_id}")["result"] == expected
+        # Flower's own task record comes from the worker's events for this item
+        wait_until(lambda: flower_json(url, f"/api/task/info/{task_id}").get("state") == "SUCCESS",  # noqa: B023
+                   "Flower's record of the item")
+        assert flower_json(url, f"/api/task/info/{task_id}")["name"] == name
+    assert calls(broker) == [[3, 4]]  # both items in one call
