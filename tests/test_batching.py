@@ -17,7 +17,8 @@ import requests
 
 from taskmesh import Priority, batch_status, submit_batch
 from taskmesh.observe.metrics import TaskmeshCollector
-from taskmesh.state.keys import COUNTERS, INFLIGHT, UNACKED
+from taskmesh.state.keys import COUNTERS, INFLIGHT, LEDGER_PREFIX, UNACKED
+from taskmesh.worker.controller import RECONCILE_AFTER_S
 
 from .conftest import ROOT, bind, queue_depth, wait_for_workers
 from .test_flower import LOGIN, start_flower
@@ -82,6 +83,12 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     assert series[("taskmesh_batch_items_per_second", task, "taskmesh_batch_items_per_second")] > 0
 
 
+def gpu_reservations(broker) -> dict[str, int]:
+    """Reservation id → MiB, over every GPU pool of the ledger."""
+    pools = [k for k in broker.scan_iter(LEDGER_PREFIX + "gpu:*") if not k.endswith(b":expiry")]
+    return {holder.decode(): int(amount) for pool in pools for holder, amount in broker.hgetall(pool).items()}
+
+
 def tracked_by_registry(broker) -> set[bytes]:
     """Delivery tags the workers' heartbeats announced (what recovery gives back if they die)."""
     return {tag for key in broker.scan_iter(INFLIGHT + "*") for tag in broker.smembers(key)}
@@ -96,6 +103,9 @@ def test_a_worker_killed_mid_batch_loses_no_item(batch_app, broker, processes):
     wait_until(lambda: len(calls(broker)) == 1, "a batch started")  # it blocks until the gate opens
     running = calls(broker)[0]
     assert len(running) == 8
+    time.sleep(RECONCILE_AFTER_S + 1.5)  # the controller has reconciled its reservations since
+    (holder, amount), = gpu_reservations(broker).items()  # the running batch's, held while it runs
+    assert "/batch-" in holder and amount == 1024
     # deterministic: every message the worker holds is known to the registry before the kill
     wait_until(lambda: set(broker.hkeys(UNACKED)) <= tracked_by_registry(broker), "the held messages announced")
     assert broker.hlen(UNACKED) >= 8

@@ -48,7 +48,7 @@ from taskmesh.core.profiles import Priority, Profile
 from taskmesh.worker.batch_run import BatchOutcome, ItemFailure, run_batch
 from taskmesh.worker.gpu_queues import reroute
 from taskmesh.worker.refusal import refuse, requirement_of
-from taskmesh.worker.strategy import requeue_at_front
+from taskmesh.worker.strategy import batches_in_flight, requeue_at_front
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ class Batcher:
     def _after_batch(self, batch_id: str) -> None:
         with self.lock:
             self.batches.pop(batch_id, None)
+        batches_in_flight.discard(batch_id)
         self._settle()
         if self.buffer and (self.flush_wanted or len(self.buffer) >= self.size):
             self.consumer.call_soon(self.flush)
@@ -229,6 +230,7 @@ class Batcher:
         batch_id = f"batch-{uuid()}"
         with self.lock:
             self.batches[batch_id] = len(requests)
+        batches_in_flight.add(batch_id)  # its reservation is live while no request has its id
         requirement = self.batching.requirement(self.task.requirement, len(requests))
         first = requests[0].message
         envelope = BatchEnvelope(
