@@ -16,5 +16,6 @@ SCENARIOS = {
     "real_gpu": "benchmarks.real_gpu",
     "fleet": "benchmarks.fleet",
     "rebalance": "benchmarks.rebalance",
+    "capacity": "benchmarks.capacity",
     "batching": "benchmarks.batching",
 }

@@ -114,7 +114,9 @@ def supervise(supervisor: Any, app: Any, path: str, loglevel: str, gpu_pool: str
               "a free one with --demo).")
 @click.option("--flower/--no-flower", default=True, show_default=True)
 @click.option("--flower-port", type=int, default=None, help="Default 5555 (a free one with --demo).")
-@click.option("--flower-auth", default=None, help="user:password for Flower (default: generated and printed).")
+@click.option("--flower-auth", default=None, envvar="FLOWER_BASIC_AUTH",
+              help="user:password for Flower (default: generated and kept in credentials.env); the environment "
+              "variable FLOWER_BASIC_AUTH keeps it out of ps.")
 @click.option("--exporter-port", type=int, default=None, help="Prometheus exporter port (default 9808; a free one "
               "with --demo).")
 @click.option("--beat/--no-beat", default=True, show_default=True)
@@ -246,6 +248,7 @@ LAZY_COMMANDS = {
     "exporter": "taskmesh.observe.exporter:exporter",
     "dlq": "taskmesh.cli_dlq:dlq",
     "batch": "taskmesh.cli_batch:batch",
+    "secrets": "taskmesh.cli_secrets:secrets",
     "bench": "benchmarks.command:bench",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -132,6 +133,15 @@ def wait_for_workers(app, names: list[str], timeout: float = 60) -> None:
 def queue_depth(client: redis.Redis, queue: str) -> int:
     """Messages waiting in *queue* over every Redis priority sub-list."""
     return sum(client.llen(key) for key in [queue] + [f"{queue}\x06\x16{p}" for p in (1, 2, 3, 4, 5, 6, 7, 8, 9)])
+
+
+def anonymous_reply(port: int, *command: str) -> bytes:
+    """What Redis on *port* answers a client that never logged in, sent *command* raw (RESP):
+    what any local user with ``redis-cli`` or a socket gets."""
+    request = f"*{len(command)}\r\n" + "".join(f"${len(part)}\r\n{part}\r\n" for part in command)
+    with socket.create_connection(("127.0.0.1", port)) as anonymous:
+        anonymous.sendall(request.encode())
+        return anonymous.recv(200)
 
 
 def marked(marker: str) -> list[psutil.Process]:

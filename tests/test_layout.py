@@ -47,6 +47,17 @@ def test_celery_and_kombu_worker_internals_are_touched_only_in_the_worker_layer(
     assert all(p.startswith("worker/") or p in ("state/keys.py", "state/queues.py") for p in where), where
 
 
+def test_every_redis_client_taskmesh_opens_is_made_by_the_one_factory() -> None:
+    """So that each takes the password, ACL user and TLS settings from the app as Celery does."""
+    opens = re.compile(r"redis\.(Strict)?Redis\(|Redis\.from_url|ConnectionPool\.from_url")
+    where = sorted(
+        str(path.relative_to(ROOT / "taskmesh"))
+        for path in (ROOT / "taskmesh").rglob("*.py")
+        if opens.search(path.read_text())
+    )
+    assert where == ["state/client.py"], where
+
+
 def test_the_wheel_has_the_lua_scripts_and_no_benchmark_code(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path), str(ROOT)], check=True, cwd=tmp_path)

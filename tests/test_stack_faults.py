@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from taskmesh import create_app
+from taskmesh.run.credentials import read_credentials
 from taskmesh.run.stack import StackError, free_port, lock_data_dir, port_in_use
 
 from .conftest import marked, queue_depth, wait_for_workers
@@ -106,7 +107,7 @@ def test_up_keeps_queued_tasks_and_results_across_a_redis_sigkill(processes, tmp
                            "--data-dir", str(data_dir))
     try:
         assert any(f"redis data: {data_dir}" in line for line in lines), lines
-        url = f"redis://127.0.0.1:{port}/0"
+        url = read_credentials(data_dir)["TASKMESH_BROKER_URL"]
         client = redis.Redis.from_url(url)
         app, on_io = producer(url)
         done = on_io.delay(label="before")

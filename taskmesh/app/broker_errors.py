@@ -14,8 +14,8 @@ from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
+from taskmesh.core.redact import redacted
 from taskmesh.state.client import broker_redis_url
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
@@ -26,7 +26,7 @@ class BrokerUnreachable(OperationalError):
 
 
 def broker_unreachable(app: Any, exc: BaseException) -> BrokerUnreachable:
-    url = maybe_sanitize_url(broker_redis_url(app) or str(app.conf.broker_url))
+    url = redacted(broker_redis_url(app) or str(app.conf.broker_url))
     reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
     return BrokerUnreachable(
         f"cannot reach the broker at {url} ({reason}); nothing was sent: start it (taskmesh up) "

@@ -154,10 +154,15 @@ def _share_threads(workers: list[WorkerView], queues: Mapping[str, QueueView]) -
     return decisions
 
 
-def _gevent_size(worker: WorkerView, queues: Mapping[str, QueueView], config: Config) -> list[Decision]:
+def gevent_ceiling(config: Config) -> int:
+    """The most greenlets a ``cpu_light`` pool may grow to (``max_concurrency``, else 4x its size)."""
     queue_config = config.queue("cpu_light")
-    base = queue_config.concurrency or 100
-    ceiling = queue_config.max_concurrency or GEVENT_GROWTH * base
+    return queue_config.max_concurrency or GEVENT_GROWTH * (queue_config.concurrency or 100)
+
+
+def _gevent_size(worker: WorkerView, queues: Mapping[str, QueueView], config: Config) -> list[Decision]:
+    base = config.queue("cpu_light").concurrency or 100
+    ceiling = gevent_ceiling(config)
     view = queues.get("cpu_light")
     if view is None:
         return []

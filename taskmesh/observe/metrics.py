@@ -29,6 +29,7 @@ from taskmesh.core.config import load_config
 from taskmesh.core.nodes import group_of, host_of
 from taskmesh.core.records import WorkerRecord
 from taskmesh.observe.batch_metrics import batch_families
+from taskmesh.state.client import broker_client
 from taskmesh.state.keys import ALERTS, COUNTERS
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
 from taskmesh.state.queues import app_queue_depths
@@ -121,7 +122,7 @@ class TaskmeshCollector:
 
     def __init__(self, app: Any, client: redis.Redis | None = None) -> None:
         self.app = app
-        self.client = client if client is not None else redis.Redis.from_url(app.conf.broker_url)
+        self.client = client if client is not None else broker_client(app)
         admission = (getattr(app, "taskmesh_config", None) or load_config()).admission
         self.registry = Registry(self.client, alive_s=admission.reservation_ttl_s,
                                  memory_s=admission.registry_memory_s)

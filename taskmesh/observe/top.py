@@ -24,13 +24,13 @@ from typing import Any
 
 import click
 import redis
-from kombu.utils.url import maybe_sanitize_url
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from taskmesh.core.redact import redacted
 from taskmesh.core.sizes import format_mib
 from taskmesh.observe.status import collect_status
 
@@ -194,7 +194,7 @@ def _collect(app: Any) -> dict[str, Any]:
     try:
         return collect_status(app)
     except redis.RedisError as exc:
-        url = maybe_sanitize_url(app.conf.broker_url)
+        url = redacted(app.conf.broker_url)
         raise click.ClickException(
             f"cannot read the broker at {url} ({str(exc).rstrip('.')}); start it (taskmesh up) or set "
             "TASKMESH_BROKER_URL"
@@ -244,7 +244,7 @@ def _frame(app: Any) -> RenderableType:
     try:
         return render(collect_status(app))
     except redis.RedisError as exc:
-        url = maybe_sanitize_url(app.conf.broker_url)
+        url = redacted(app.conf.broker_url)
         return Text(f"cannot read the broker at {url} ({str(exc).rstrip('.')}); retrying (q quits)", style="bold red")
 
 

@@ -1,9 +1,11 @@
 """``taskmesh up``: the whole local stack on this machine, in the foreground.
 
 Redis (unless a broker is given), the worker groups this hardware supports, beat
-and Flower, under one supervisor. Redis listens on loopback only and Flower is
-started with generated basic-auth credentials: a local stack should not be an open
-door on a shared machine.
+and Flower, under one supervisor. Redis listens on loopback only, with no anonymous
+access (an ACL user with a generated password), and Flower is started with basic-auth
+credentials; both are kept in files only their owner reads and reach the processes by
+environment and file, never argv (``run.credentials``): a local stack should not be an
+open door on a shared machine. Every URL printed is redacted.
 
 The Redis started here keeps an append-only file (fsync every second) in a data
 folder the user can find (``./.taskmesh/redis`` unless ``--data-dir`` says
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
-import secrets
 import shutil
 import socket
 import sys
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from taskmesh.app.celery_app import BROKER_ENV
+from taskmesh.core.redact import redacted
+from taskmesh.run.credentials import ACL_FILE, FLOWER_KEY, read_credentials, stack_secrets, write_secrets
 from taskmesh.run.supervisor import ProcessSpec, Supervisor
 from taskmesh.run.workers import WorkerSpec
 
@@ -77,9 +80,10 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def redis_command(port: int, data_dir: Path | None) -> list[str]:
+def redis_command(port: int, data_dir: Path | None, config: Path | None = None) -> list[str]:
     """redis-server on loopback: with an append-only file in *data_dir*, or (``None``: a
-    throwaway server, as the benchmarks use) with no persistence at all."""
+    throwaway server, as the benchmarks use) with no persistence at all. *config* is a
+    file redis-server reads first (``up``'s ACL): what is secret stays out of argv."""
     server = shutil.which("redis-server")
     if server is None:
         raise StackError(
@@ -91,10 +95,11 @@ def redis_command(port: int, data_dir: Path | None) -> list[str]:
             f"port {port} on 127.0.0.1 is in use; pass --redis-port with a free port, "
             f"or --broker redis://127.0.0.1:{port}/0 if that is a Redis you want to use"
         )
+    head = [server] if config is None else [server, str(config)]
     if data_dir is None:
-        return [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        return [*head, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     return [
-        server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+        *head, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
         "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
     ]
 
@@ -120,15 +125,15 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
     return lock
 
 
-def flower_credentials(auth: str | None) -> str:
-    """``user:password`` for Flower's basic auth: the one given, checked, or a generated one.
+def check_flower_auth(auth: str | None) -> None:
+    """Refuse a malformed ``user:password`` for Flower's basic auth (``None``: one is generated).
 
     Checked before anything starts: Flower takes a value without a password and then
     lets nobody in (or, with ``user:``, anybody who knows the user), and it reads a
     comma as a list of logins.
     """
     if auth is None:
-        return f"taskmesh:{secrets.token_urlsafe(12)}"
+        return
     user, colon, password = auth.partition(":")
     problem = (
         "it has no ':'" if not colon
@@ -139,20 +144,21 @@ def flower_credentials(auth: str | None) -> str:
     )
     if problem:
         raise StackError(f"--flower-auth must be user:password, e.g. --flower-auth ops:s3cret; {problem}")
-    return auth
 
 
 def wait_for_redis(url: str, timeout: float = 15.0) -> None:
     import redis
 
+    from taskmesh.state.client import client_from_url
+
     deadline = time.monotonic() + timeout
     while True:
         try:
-            redis.Redis.from_url(url, socket_timeout=1).ping()
+            client_from_url(url, socket_timeout=1).ping()
             return
         except redis.ConnectionError:
             if time.monotonic() > deadline:
-                raise StackError(f"Redis at {url} did not answer within {timeout:.0f}s") from None
+                raise StackError(f"Redis at {redacted(url)} did not answer within {timeout:.0f}s") from None
             time.sleep(0.1)
 
 
@@ -161,25 +167,35 @@ class Stack:
 
     def __init__(self, options: StackOptions) -> None:
         self.options = options
-        self.flower_auth = flower_credentials(options.flower_auth) if options.flower else ""
+        if options.flower:
+            check_flower_auth(options.flower_auth)
         if options.flower and port_in_use(options.flower_port):
             raise StackError(f"port {options.flower_port} on 127.0.0.1 is in use; pass --flower-port")
         self.logdir = options.logdir or Path(tempfile.mkdtemp(prefix="taskmesh-up-"))
         self.supervisor = Supervisor(logdir=self.logdir)
-        self.broker_url = options.broker or os.environ.get(BROKER_ENV)
-        self.owns_redis = self.broker_url is None
-        if self.owns_redis:
-            self.broker_url = f"redis://127.0.0.1:{options.redis_port}/0"
-        self.env = {**os.environ, BROKER_ENV: self.broker_url}
-        self.nodenames: list[str] = []
         self.data_dir = (options.data_dir or self.logdir / "redis").resolve()
+        self.broker_url = options.broker or os.environ.get(BROKER_ENV)
+        # a shell that loaded this stack's credentials.env still means "start this stack's Redis"
+        self.owns_redis = self.broker_url is None or (
+            options.broker is None and self.broker_url == read_credentials(self.data_dir).get(BROKER_ENV))
+        secrets_dir = self.data_dir if self.owns_redis else self.logdir
+        self.secrets = stack_secrets(secrets_dir, options.flower_auth if options.flower else None)
+        if self.owns_redis:
+            self.broker_url = self.secrets.broker_url(options.redis_port)
+        self.env = {**os.environ, BROKER_ENV: self.broker_url}
+        self.env.pop(FLOWER_KEY, None)  # Flower's alone
+        self.nodenames: list[str] = []
         self._data_lock: IO[str] | None = None
+        self.credentials_file: Path | None = None
 
     def start_broker(self) -> None:
         os.environ[BROKER_ENV] = self.broker_url
         if self.owns_redis:
-            argv = redis_command(self.options.redis_port, self.data_dir)
             self._data_lock = lock_data_dir(self.data_dir)
+        self.credentials_file = write_secrets(self.data_dir if self.owns_redis else self.logdir, self.secrets,
+                                              self.broker_url, self.owns_redis)
+        if self.owns_redis:
+            argv = redis_command(self.options.redis_port, self.data_dir, self.credentials_file.with_name(ACL_FILE))
             self.supervisor.add(ProcessSpec("redis", argv, stop_last=True))
         try:
             wait_for_redis(self.broker_url)
@@ -202,9 +218,8 @@ class Stack:
                 "flower",
                 "--address=127.0.0.1",
                 f"--port={options.flower_port}",
-                f"--basic-auth={self.flower_auth}",
-            ]
-            self.supervisor.add(ProcessSpec("flower", argv, self.env))
+            ]  # the login by environment (Flower reads FLOWER_<OPTION>): argv is public
+            self.supervisor.add(ProcessSpec("flower", argv, {**self.env, FLOWER_KEY: self.secrets.flower_auth}))
         if port_in_use(options.exporter_port):
             raise StackError(f"port {options.exporter_port} on 127.0.0.1 is in use; pass --exporter-port")
         argv = [sys.executable, "-m", "taskmesh", "-A", options.app_path, "exporter", f"--port={options.exporter_port}"]
@@ -227,12 +242,15 @@ class Stack:
                 waiting -= set(reply)
 
     def describe(self) -> str:
-        lines = [f"broker: {self.broker_url}" + (" (started here)" if self.owns_redis else "")]
+        here = " (started here, login required)" if self.owns_redis else ""
+        lines = [f"broker: {redacted(self.broker_url)}{here}"]
         if self.owns_redis:
             lines.append(f"redis data: {self.data_dir} (append-only file, fsync every second)")
+        lines.append(f"credentials: {self.credentials_file} (mode 600; load with: set -a; . FILE; set +a)")
         lines += [f"worker: {name}" for name in self.nodenames]
         if self.options.flower:
-            lines.append(f"flower: http://127.0.0.1:{self.options.flower_port}/  login {self.flower_auth}")
+            user = self.secrets.flower_auth.split(":", 1)[0]
+            lines.append(f"flower: http://127.0.0.1:{self.options.flower_port}/  user {user}, password in credentials")
         lines.append(f"metrics: http://127.0.0.1:{self.options.exporter_port}/metrics")
         lines.append(f"logs: {self.logdir}")
         return "\n".join(lines)

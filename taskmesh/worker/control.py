@@ -14,8 +14,10 @@ from typing import Any
 
 from celery.worker.control import control_command
 
+from taskmesh.core.control_args import assist_problem, resize_problem
 from taskmesh.core.need_queues import family
 from taskmesh.core.profiles import Profile
+from taskmesh.core.rebalance_policy import gevent_ceiling
 from taskmesh.worker.controller import AdmissionController
 
 
@@ -35,12 +37,23 @@ def resize(controller: AdmissionController, delta: int) -> int:
     return size
 
 
+def pool_ceiling(consumer: Any, controller: AdmissionController) -> int:
+    """The most processes this worker's pool may have: the host's CPU threads for a process
+    pool (as the rebalancer shares them), the configured growth limit for gevent."""
+    if consumer.pool.__class__.__module__.startswith("celery.concurrency.gevent"):
+        return gevent_ceiling(controller.gate.config)
+    return max(1, controller.gate.cpu_threads)
+
+
 @control_command(args=[("queue", str)], signature="[QUEUE]")
 def taskmesh_assist(state: Any, queue: str | None = None, **_: Any) -> dict[str, str]:
     """Serve *queue* besides the worker's own queues (none: stop assisting)."""
     controller = getattr(state.consumer, "taskmesh_admission", None)
     if controller is None:
         return {"error": "this worker has no taskmesh admission step"}
+    problem = assist_problem(queue, set(state.consumer.app.amqp.queues))
+    if problem:
+        return {"error": problem}
     if queue and controller.no_gpu is not None and family(queue) == Profile.GPU_INTENSIVE.queue:
         return {"error": f"this worker sees no GPU ({controller.no_gpu}); it serves no GPU queue"}
     state.consumer.call_soon(controller.intake.set_assist, queue or None)
@@ -56,8 +69,11 @@ def taskmesh_resize(state: Any, n: int = 0, **_: Any) -> dict[str, str]:
         return {"error": "this worker has no taskmesh admission step"}
     if state.consumer.controller.autoscaler:
         return {"error": "the pool is autoscaled; adjust --autoscale instead"}
+    problem = resize_problem(n, state.consumer.pool.num_processes, pool_ceiling(state.consumer, controller))
+    if problem:
+        return {"error": problem}
     try:
-        size = resize(controller, int(n))
+        size = resize(controller, n)
     except ValueError as exc:  # billiard: cannot shrink busy processes
         return {"error": str(exc)}
     return {"ok": f"pool size {size}"}

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from kombu.utils.url import maybe_sanitize_url
 
 from taskmesh.core.config_schema import HEARTBEAT_S
+from taskmesh.core.redact import redacted
 from taskmesh.state.client import broker_redis_url
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.recovery import reclaim_dead_workers
@@ -77,7 +77,7 @@ class Heartbeat:
             controller.changed.clear()
 
     def _broker(self) -> str:
-        return maybe_sanitize_url(broker_redis_url(self.app))
+        return redacted(broker_redis_url(self.app))
 
     def beat(self) -> None:
         """Lease and registry, reservation refresh, dead workers' messages."""

@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from celery import signals
+from kombu.exceptions import ContentDisallowed
 
 from taskmesh.core.errors import MessageRefused, TaskmeshError
 from taskmesh.core.header_fields import shown
@@ -25,6 +26,16 @@ from taskmesh.state.dead_letters import add_dead_letter
 log = logging.getLogger(__name__)
 RESEND = ("send it with the task's own .delay()/.apply_async(), which writes headers['taskmesh'] "
           "(Requirement.to_header)")
+
+
+def fix_for(consumer: Any, problem: Exception) -> str:
+    """What the sender should change: a content type this worker does not accept (unsigned
+    JSON where workers take only signed ``auth`` messages) is fixed at the sender's settings."""
+    if isinstance(problem, ContentDisallowed):
+        accepted = ", ".join(sorted(consumer.app.conf.accept_content or ()))
+        return (f"this worker accepts only {accepted} messages: send it from an app with the same task_serializer "
+                "and accept_content (for 'auth', signed with a key whose certificate is in security_cert_store)")
+    return RESEND
 
 def requirement_of(message: Any) -> Requirement:
     """What the message runs under; raises on anything that cannot run safely.
@@ -60,14 +71,15 @@ def refuse(consumer: Any, client: Any, message: Any, problem: Exception) -> None
     why = str(problem) if isinstance(problem, TaskmeshError) else (
         f"its body cannot be read ({type(problem).__name__}: {problem})")
     line = f"refused task {task_id} ({name}) from queue {queue}, not run: {why}"
+    fix = fix_for(consumer, problem)
     log.error("%s. Kept in the dead letters (taskmesh dlq list). Fix: %s, or correct what the message holds",
-              line, RESEND)
+              line, fix)
     add_dead_letter(client, why, task_id=task_id, task=name, queue=queue, worker=consumer.hostname,
                     headers=headers, body=_text(message.body), content_type=message.content_type,
                     content_encoding=message.content_encoding)
     if isinstance(task_id, str):
         try:
-            consumer.app.backend.mark_as_failure(task_id, MessageRefused(f"{line}; {RESEND}"))
+            consumer.app.backend.mark_as_failure(task_id, MessageRefused(f"{line}; {fix}"))
         except Exception as exc:  # no result backend, or it is down: the log line and the dead letter stay
             log.debug("could not store the refusal of %s as its result: %s", task_id, exc)
     message.ack()
