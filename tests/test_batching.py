@@ -17,6 +17,7 @@ import requests
 
 from taskmesh import Priority, batch_status, submit_batch
 from taskmesh.observe.metrics import TaskmeshCollector
+from taskmesh.state.batches import job as job_record
 from taskmesh.state.keys import COUNTERS, INFLIGHT, LEDGER_PREFIX, UNACKED
 from taskmesh.worker.controller import RECONCILE_AFTER_S
 
@@ -83,6 +84,10 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     assert series[("taskmesh_batch_items_per_second", task, "taskmesh_batch_items_per_second")] > 0
 
 
+def revoked_by_workers(app) -> set[str]:
+    return {task_id for ids in (app.control.inspect(timeout=2).revoked() or {}).values() for task_id in ids}
+
+
 def gpu_reservations(broker) -> dict[str, int]:
     """Reservation id → MiB, over every GPU pool of the ledger."""
     pools = [k for k in broker.scan_iter(LEDGER_PREFIX + "gpu:*") if not k.endswith(b":expiry")]
@@ -123,7 +128,8 @@ def test_batches_keep_celerys_priorities_revokes_and_time_limits(batch_app, brok
     start_gpu_worker(processes, batch_app.app, "gpu1")
     low = [batch_app.slow_to_fill.apply_async((f"low{i}",), priority=Priority.LOW) for i in range(3)]
     wait_until(lambda: queue_depth(broker, "gpu") == 0 and broker.hlen(UNACKED) == 3, "the LOW items buffered")
-    batch_app.app.control.revoke(low[1].id, reply=True, timeout=5)
+    batch_app.app.control.revoke(low[1].id)
+    wait_until(lambda: low[1].id in revoked_by_workers(batch_app.app), "the worker has the revoke")
     # batch_wait is 60 s and batch_size 32: only the CRITICAL item's arrival can start this batch now
     critical = batch_app.slow_to_fill.apply_async(("urgent",), priority=Priority.CRITICAL)
     assert critical.get(timeout=20) == "done urgent"
@@ -164,6 +170,8 @@ def test_a_batch_job_reports_progress_and_eta_and_cancel_revokes_what_has_not_st
     wait_until(lambda: len(calls(broker)) == 3, "the cancelled job's first batch started")
     wait_until(lambda: batch_status(batch_app.app, cancelled)["running_or_waiting"] == 16, "started ones stored")
     assert batch_cli("cancel", cancelled).strip() == "revoked 8 item(s) not started"
+    _, task_ids = job_record(broker, cancelled)
+    wait_until(lambda: set(task_ids[8:]) <= revoked_by_workers(batch_app.app), "the worker has the revokes")
     broker.set(f"{batch_app.GATE}:2", 1)
     wait_until(lambda: batch_status(batch_app.app, cancelled)["progress"] == 1.0, "the cancelled job ended")
     status = batch_status(batch_app.app, cancelled)
