@@ -17,6 +17,7 @@ import requests
 
 from taskmesh import Priority, batch_status, submit_batch
 from taskmesh.observe.metrics import TaskmeshCollector
+from taskmesh.state import dead_letters
 from taskmesh.state.batches import job as job_record
 from taskmesh.state.keys import COUNTERS, INFLIGHT, LEDGER_PREFIX, UNACKED
 from taskmesh.worker.controller import RECONCILE_AFTER_S
@@ -67,6 +68,7 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     with pytest.raises(Exception, match="negative item -5"):
         results[-1].get(timeout=60)
     assert results[-1].state == "FAILURE"
+    wait_until(lambda: results[-1].id in {e["id"] for e in dead_letters.entries(broker)}, "dead-lettered")
     assert later.get(timeout=60) == 1000 * 1000  # a countdown item joins a batch when it comes due
     made = calls(broker)
     assert sorted(v for call in made for v in call) == sorted([*values, 1000])  # every item once

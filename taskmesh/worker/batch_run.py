@@ -104,20 +104,32 @@ def _call(task: Any, values: list[Any]) -> list[Any]:
 
 def _store(task: Any, task_id: str, request: dict[str, Any], outcome: Any) -> tuple[bool, str]:
     context = Context(request, called_directly=False)
+    keep = not (task.ignore_result if request.get("ignore_result") is None else request["ignore_result"])
     if isinstance(outcome, BaseException):
-        tb = getattr(outcome, "__taskmesh_tb__", None)
-        task.backend.mark_as_failure(task_id, outcome, traceback=tb, request=context)
-        return False, saferepr(outcome)
+        return _failed(task, task_id, context, outcome, getattr(outcome, "__taskmesh_tb__", None), keep)
     try:
-        task.backend.mark_as_done(task_id, outcome, request=context)
+        task.backend.mark_as_done(task_id, outcome, request=context, store_result=keep)
     except Exception as exc:  # a result the serializer refuses fails that item only
-        task.backend.mark_as_failure(task_id, exc, traceback=traceback.format_exc(), request=context)
-        return False, saferepr(exc)
+        return _failed(task, task_id, context, exc, traceback.format_exc(), keep)
     batching = task.batching
     if batching is not None and batching.cache_ttl_s is not None:
         remember(_client(task.app), task.name, cache_key(task.name, request.get("args"), request.get("kwargs")),
                  outcome, batching.cache_ttl_s)
     return True, saferepr(outcome, task.resultrepr_maxsize)
+
+
+def _failed(task: Any, task_id: str, context: Context, exc: BaseException, tb: str | None,
+            keep: bool) -> tuple[bool, str]:
+    """Store the item's failure and send Celery's ``task_failure`` for it (dead letters listen), as its own request."""
+    task.backend.mark_as_failure(task_id, exc, traceback=tb, request=context,
+                                 store_result=keep or task.store_errors_even_if_ignored)
+    task.request_stack.push(context)
+    try:
+        signals.task_failure.send(sender=task, task_id=task_id, exception=exc, args=context.args,
+                                  kwargs=context.kwargs, traceback=tb, einfo=None)
+    finally:
+        task.request_stack.pop()
+    return False, saferepr(exc)
 
 
 @dataclasses.dataclass
