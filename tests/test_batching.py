@@ -14,6 +14,7 @@ import time
 
 import pytest
 import requests
+from celery import chain, chord
 
 from taskmesh import Priority, batch_status, submit_batch
 from taskmesh.observe.metrics import TaskmeshCollector
@@ -63,6 +64,8 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     results = [batch_app.square.delay(v) for v in values]
     start_gpu_worker(processes, batch_app.app, "batcher")
     later = batch_app.square.apply_async((1000,), countdown=3)
+    chained = chain(batch_app.square.s(3), batch_app.square.s()).delay()  # batch items in Celery's canvas
+    summed = chord(batch_app.square.s(i) for i in (1, 2, 3))(batch_app.total.s())
     for value, result in zip(values[:-1], results[:-1], strict=True):
         assert result.get(timeout=60) == value * value
     with pytest.raises(Exception, match="negative item -5"):
@@ -70,8 +73,9 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     assert results[-1].state == "FAILURE"
     wait_until(lambda: results[-1].id in {e["id"] for e in dead_letters.entries(broker)}, "dead-lettered")
     assert later.get(timeout=60) == 1000 * 1000  # a countdown item joins a batch when it comes due
+    assert (chained.get(timeout=60), summed.get(timeout=60)) == (81, 14)
     made = calls(broker)
-    assert sorted(v for call in made for v in call) == sorted([*values, 1000])  # every item once
+    assert sorted(v for call in made for v in call) == sorted([*values, 1000, 3, 9, 1, 2, 3])  # every item once
     assert max(len(call) for call in made) == 32
     assert len(made) <= math.ceil(n / 32) + 2  # about n/32 calls, not n
     wait_until(lambda: broker.hlen(UNACKED) == 0, "every message acknowledged")
@@ -82,7 +86,7 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     assert series[("taskmesh_batch_size", task + (("le", "32.0"),), "taskmesh_batch_size_bucket")] == len(made)
     assert series[("taskmesh_batch_size", task + (("le", "16.0"),), "taskmesh_batch_size_bucket")] == sum(
         1 for call in made if len(call) <= 16)
-    assert series[("taskmesh_batch_items", task, "taskmesh_batch_items_total")] == n + 1
+    assert series[("taskmesh_batch_items", task, "taskmesh_batch_items_total")] == n + 6
     assert series[("taskmesh_batch_items_per_second", task, "taskmesh_batch_items_per_second")] > 0
 
 

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from celery import current_app, signals
+from celery import current_app, signals, signature
 from celery._state import _task_stack
 from celery.app.task import Context
 from celery.utils.saferepr import saferepr
@@ -111,11 +111,22 @@ def _store(task: Any, task_id: str, request: dict[str, Any], outcome: Any) -> tu
         task.backend.mark_as_done(task_id, outcome, request=context, store_result=keep)
     except Exception as exc:  # a result the serializer refuses fails that item only
         return _failed(task, task_id, context, exc, traceback.format_exc(), keep)
+    _follow_on(task, task_id, request, outcome)
     batching = task.batching
     if batching is not None and batching.cache_ttl_s is not None:
         remember(_client(task.app), task.name, cache_key(task.name, request.get("args"), request.get("kwargs")),
                  outcome, batching.cache_ttl_s)
     return True, saferepr(outcome, task.resultrepr_maxsize)
+
+
+def _follow_on(task: Any, task_id: str, request: dict[str, Any], value: Any) -> None:
+    """What Celery's trace sends after a success: the ``link`` callbacks, then the chain's next step."""
+    root = request.get("root_id") or task_id
+    for callback in request.get("callbacks") or ():
+        signature(callback, app=task.app).apply_async((value,), parent_id=task_id, root_id=root)
+    chain = request.get("chain")
+    if chain:
+        signature(chain[-1], app=task.app).apply_async((value,), chain=chain[:-1], parent_id=task_id, root_id=root)
 
 
 def _failed(task: Any, task_id: str, context: Context, exc: BaseException, tb: str | None,

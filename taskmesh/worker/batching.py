@@ -251,7 +251,8 @@ class Batcher:
             self._after_batch(batch_id)
 
         outcome = BatchOutcome(requests, ended)
-        items = [(r.id, r.args[0], dict(r.request_dict)) for r in requests]
+        # with the body's embed (callbacks, errbacks, chain, chord), as Celery's own execution has it
+        items = [(r.id, r.args[0], {**r.request_dict, **(r._payload[2] or {})}) for r in requests]
         self.consumer.pool.apply_async(
             run_batch, args=(self.task.name, batch_id, items, envelope.headers.get(GPUS_HEADER)),
             accept_callback=outcome.accepted, callback=outcome.returned, error_callback=outcome.failed,

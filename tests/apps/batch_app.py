@@ -56,3 +56,9 @@ def too_slow(items: list[int]) -> list[int]:
     _record(items)
     time.sleep(30)
     return items
+
+
+@app.task(profile="gpu", vram="1GiB", batch_size=8, batch_wait="100ms", time_limit=60)
+def total(items: list[list[int]]) -> list[int]:
+    """Each item is a list (a chord's results): its sum."""
+    return [sum(item) for item in items]
