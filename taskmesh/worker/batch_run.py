@@ -7,11 +7,14 @@ result backend's own ``mark_as_done``/``mark_as_failure`` (under the item's task
 with its request, so chords and ``result_extended`` work), remembers cacheable results,
 and adds the batch to the per-task statistics. It returns one ``(ok, text)`` per item.
 
+After a success it sends what Celery's trace sends (``link`` callbacks, the chain's next
+step); after a failure, Celery's ``task_failure`` (dead letters listen).
+
 ``BatchOutcome`` is the parent's side: Celery's own ``Request.on_accepted`` (``task-started``
-events, ``inspect active``), ``on_success`` and ``on_failure`` per item, so every message is
-acknowledged only after its item's result is stored, and a hard time limit or a lost
-pool process ends each item as Celery ends one request (a lost process: retried per item,
-within ``max_retries``). A worker killed before that leaves every message unacknowledged.
+events), ``on_success`` and ``on_failure`` per item, so every message is acknowledged only
+after its item's result is stored, and a hard time limit or a lost pool process ends each
+item as Celery ends a request that met it. A worker killed before that leaves every
+message unacknowledged.
 """
 
 from __future__ import annotations
