@@ -16,6 +16,8 @@ SCENARIOS = {
     "real_gpu": "benchmarks.real_gpu",
     "fleet": "benchmarks.fleet",
     "rebalance": "benchmarks.rebalance",
+    "packing": "benchmarks.packing",
+    "one_gpu": "benchmarks.one_gpu",
     "capacity": "benchmarks.capacity",
     "batching": "benchmarks.batching",
 }

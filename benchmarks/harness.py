@@ -206,7 +206,7 @@ def machine() -> Machine:
     gpu = ", ".join(sorted({g.name for g in gpus})) + f" x{len(gpus)}" if gpus else "none"
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
     version = next((part.split("=", 1)[1] for part in server if part.startswith("v=")), "?")
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or "?"
     return Machine(

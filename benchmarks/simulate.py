@@ -9,6 +9,9 @@ Real — the code a deployment runs, called as it calls it:
   ``SimulatedProvider``, whose used memory follows the tasks running there;
 - the Redis ``Ledger``; or ``MemoryLedger``, which is *not* the real ledger but its
   rules re-implemented in memory and checked answer for answer against it;
+- the held-line policy (``core.held_line.start_from_line``, ``LinePolicy.takes_more``),
+  as the admission controller calls it: which held messages start on every arrival and
+  release, and when intake pauses (the worker's ``admission.backfill`` settings);
 - the rebalance policy, when ``probe`` is set (``rebalance_probe.py``): every
   rebalance interval of simulated time, the rebalancer's own view builders and its
   ``alerts``, ``scaling_hints`` and ``saturated`` run on a snapshot of the fleet. It
@@ -16,14 +19,17 @@ Real — the code a deployment runs, called as it calls it:
 
 Re-modelled here — simulation code standing in for the real thing:
 
-- the admission controller (``worker/controller.py`` is not run): a message the gate answers
-  ``Wait`` is held and the worker's intake pauses until one of its own tasks ends, when
-  the held message is retried first; a ``Reroute`` republishes the message to its need
-  queue (registered in the real registry) and every worker whose GPU ``can_serve`` it
-  subscribes. Reservation refresh, health checks and periodic announces are left out;
+- the admission controller's plumbing around that policy (``worker/controller.py`` is not
+  run): a message the gate answers ``Wait`` joins the worker's held line, which the policy
+  runs again on each of the worker's releases (the real worker also every half second,
+  which changes nothing here: memory only frees on a release); a ``Reroute`` republishes
+  the message to its need queue (registered in the real registry) and every worker whose
+  GPU ``can_serve`` it subscribes. Reservation refresh, health checks and periodic
+  announces are left out;
 - Celery and Redis: FIFO lists (one priority), BRPOP serving the worker blocked
   longest, one message per free pool slot (prefetch multiplier 1, late ack), round
-  robin over a worker's queues;
+  robin over a worker's queues, the prefetch grown by one per held message as the worker's
+  ``Intake`` does;
 - time. Durations are fixed: tasks sharing a GPU do not slow each other (memory is
   modelled, compute contention is not). Decisions take no simulated time; their real
   cost is measured on the wall clock.
@@ -35,6 +41,7 @@ import array
 import collections
 import dataclasses
 import heapq
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -44,7 +51,8 @@ from benchmarks.synthetic import Host
 from taskmesh.app.celery_app import create_app
 from taskmesh.core.claims import LedgerLike
 from taskmesh.core.errors import InfeasibleRequirement
-from taskmesh.core.gate import Admitted, Gate, Reroute
+from taskmesh.core.gate import Admitted, Gate, Reroute, Wait
+from taskmesh.core.held_line import LinePolicy, start_from_line
 from taskmesh.core.need_queues import can_serve
 from taskmesh.core.profiles import QUEUES
 from taskmesh.core.records import GpuRecord, WorkerRecord
@@ -68,9 +76,9 @@ class HostMemory:
 
 
 class Worker:
-    """One simulated ``celery worker`` for one GPU: its gate, pool slots, queues and held message."""
+    """One simulated ``celery worker`` for one GPU: its gate, pool slots, queues and held line."""
 
-    __slots__ = ("node", "record", "gate", "gpu", "memory", "slots", "queues", "running", "held", "held_since",
+    __slots__ = ("node", "record", "gate", "gpu", "memory", "slots", "queues", "running", "line", "held_since",
                  "token", "blocked")
 
     def __init__(self, record: WorkerRecord, gate: Gate, gpu: Any, memory: HostMemory, slots: int) -> None:
@@ -78,8 +86,8 @@ class Worker:
                                                                                 memory, slots)
         self.queues: list[str] = ["gpu"]
         self.running = 0
-        self.held: int | None = None
-        self.held_since = -1.0  # when the held message was first refused
+        self.line: collections.deque[int] = collections.deque()  # held jobs, in arrival order
+        self.held_since = -1.0  # since when the line has not been empty
         self.token = 0
         self.blocked = False
 
@@ -93,7 +101,7 @@ class Outcome:
     reroutes: int = 0
     reserved_area: float = 0.0  # MiB x seconds reserved by admitted tasks
     busy_slot_s: float = 0.0
-    held_s: float = 0.0  # time workers spent paused, holding a message that did not fit yet
+    held_s: float = 0.0  # time workers spent holding a message that did not fit yet
     produce_us: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
     decide_us: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
     release_us: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
@@ -105,12 +113,16 @@ class Simulation:
 
     def __init__(self, fleet: Sequence[Host], reqs: Sequence[Requirement], jobs: Sequence[tuple[int, float]],
                  ledger: LedgerLike, broker: str, slots: int = 4, record: bool = False,
-                 producer_calls_per_class: int | None = None) -> None:
+                 producer_calls_per_class: int | None = None, policy: LinePolicy | None = None) -> None:
         self.reqs, self.jobs, self.record = reqs, jobs, record
         self.producer_calls = producer_calls_per_class
         self.headers = [r.to_header() for r in reqs]
         self.app = create_app("benchmarks.simulate", broker=broker)
         self.config = self.app.taskmesh_config.admission
+        self.policy = policy or self.config.line_policy()
+        self.sizes = [r.vram_mib * r.gpus if r.vram_mib is not None and not r.exclusive else math.inf for r in reqs]
+        self.priorities = [r.priority or 0 for r in reqs]
+        self.arrived: dict[int, float] = {}  # job → when its worker took it, while held
         self.now = 0.0
         self.events: list[tuple[float, int, Worker, int, Admitted, int]] = []
         self.queues: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
@@ -199,7 +211,7 @@ class Simulation:
         profile queues and need queues, and mean run times by queue."""
         records = [w.record for w in self.workers]
         states = {w.node: {"pool": {"implementation": "prefork", "size": w.slots}, "running": w.running,
-                           "held": int(w.held is not None), "paused": w.held is not None} for w in self.workers}
+                           "held": len(w.line), "paused": not self._takes_more(w)} for w in self.workers}
         names = list(QUEUES) + sorted(q for q in self.queues if q not in QUEUES)
         depths = {}
         for name in names:
@@ -223,8 +235,11 @@ class Simulation:
         self.queues[queue].append(job)
 
     def _pull(self, worker: Worker) -> None:
-        """Take messages while a pool slot is free and nothing is held; else block on BRPOP."""
-        while worker.held is None and worker.running < worker.slots:
+        """Take messages while a pool slot is free and intake is open; else block on BRPOP.
+
+        The prefetch is the pool's slots plus the held messages, and both running and held
+        messages are unacknowledged: a message is taken while fewer than *slots* run."""
+        while worker.running < worker.slots and self._takes_more(worker):
             for position, queue in enumerate(worker.queues):
                 if self.queues[queue]:
                     worker.queues.append(worker.queues.pop(position))  # kombu's round robin
@@ -238,29 +253,54 @@ class Simulation:
 
     # --- what the admission controller does -----------------------------------------
 
-    def _offer(self, worker: Worker, job: int, queue: str | None = None) -> None:
-        """Deliver *job* (from *queue*; None: the held one again) to the worker's controller."""
-        if queue is not None:
-            self.delivered[job] = queue
-            self.in_flight[queue] += 1
+    def _takes_more(self, worker: Worker) -> bool:
+        line = worker.line
+        return self.policy.takes_more(len(line), self.now - self.arrived[line[0]] if line else 0.0)
+
+    def _offer(self, worker: Worker, job: int, queue: str) -> None:
+        """Deliver *job* from *queue* to the worker's controller: it starts, joins the held line
+        (and the policy runs on the line, as it may be backfilled at once), or is rerouted."""
+        self.delivered[job] = queue
+        self.in_flight[queue] += 1
+        if not worker.line:
+            if self._decide(worker, job):
+                return
+            worker.held_since = self.now
+        self.arrived[job] = self.now
+        worker.line.append(job)
+        if len(worker.line) > 1:
+            self._run_line(worker)
+
+    def _run_line(self, worker: Worker) -> None:
+        """The held-line policy, as the controller runs it on an arrival and on each release."""
+        start_from_line(worker.line, lambda j: self._decide(worker, j), self.now, self.policy,
+                        since=self.arrived.__getitem__, size=lambda j: self.sizes[self.jobs[j][0]],
+                        priority=lambda j: self.priorities[self.jobs[j][0]], slots=worker.slots - worker.running)
+        if not worker.line:
+            self.out.held_s += self.now - worker.held_since
+            worker.held_since = -1.0
+
+    def _decide(self, worker: Worker, job: int) -> bool:
+        """The gate's decision for *job*; ``False``: it must wait."""
         start = time.perf_counter_ns()
         requirement = Requirement.from_header(self.headers[self.jobs[job][0]])
         decision = worker.gate.decide(requirement, f"{worker.node}/{job}")
         self.out.decide_us.append((time.perf_counter_ns() - start) / 1000)
+        if not isinstance(decision, Wait):
+            self.arrived.pop(job, None)  # it leaves the line (a rerouted one may be held by another worker next)
         if isinstance(decision, Admitted):
             self._start(worker, job, requirement, decision)
-        elif isinstance(decision, Reroute):
+            return True
+        if isinstance(decision, Reroute):
             self.out.reroutes += 1
             self.in_flight[self.delivered.pop(job)] -= 1  # the controller acks it once republished
             if decision.queue not in self.queues:
                 Registry(self.app.redis()).register_need_queue(decision.queue, requirement)
                 self._subscribe({decision.queue: requirement})
             self._push(decision.queue, job)
-        else:
-            self.out.waits += 1
-            if worker.held_since < 0:
-                worker.held_since = self.now
-            worker.held = job
+            return True
+        self.out.waits += 1
+        return False
 
     def _start(self, worker: Worker, job: int, requirement: Requirement, admitted: Admitted) -> None:
         margin = self.config.safety_margin_mib
@@ -286,10 +326,6 @@ class Simulation:
         self.runtime_count[queue] += 1
         worker.running -= 1
         worker.memory.used[worker.gpu.index] -= amount
-        if worker.held is not None:  # the controller retries the head of its line on every release
-            held, worker.held = worker.held, None
-            self._offer(worker, held)
-            if worker.held is None:
-                self.out.held_s += self.now - worker.held_since
-                worker.held_since = -1.0
+        if worker.line:  # the controller runs its line on every release
+            self._run_line(worker)
         self._pull(worker)

@@ -2,7 +2,16 @@
 
 from taskmesh.app import TaskmeshCelery, TaskmeshTask, create_app
 from taskmesh.app.batch_jobs import batch_status, cancel_batch, submit_batch
-from taskmesh.core.errors import ConfigError, InfeasibleRequirement, QueueFull, RequirementError, TaskmeshError
+from taskmesh.app.models import current_model
+from taskmesh.core.errors import (
+    ConfigError,
+    InfeasibleRequirement,
+    ModelDeclarationError,
+    ModelLoadError,
+    QueueFull,
+    RequirementError,
+    TaskmeshError,
+)
 from taskmesh.core.gpus import GpuInfo, GpuProvider
 from taskmesh.core.profiles import Priority, Profile
 from taskmesh.core.requirements import Requirement
@@ -14,6 +23,8 @@ __all__ = [
     "GpuInfo",
     "GpuProvider",
     "InfeasibleRequirement",
+    "ModelDeclarationError",
+    "ModelLoadError",
     "NvmlProvider",
     "Priority",
     "Profile",
@@ -27,6 +38,7 @@ __all__ = [
     "batch_status",
     "cancel_batch",
     "create_app",
+    "current_model",
     "submit_batch",
 ]
 __version__ = "0.1.0"

@@ -82,6 +82,14 @@ def gpu_app(broker_url: str):
 
 
 @pytest.fixture
+def model_app(broker_url: str):
+    """``tests.apps.model_app``: declared models whose loaders sleep, and tasks that use them."""
+    from tests.apps import model_app
+
+    return bind(model_app, broker_url)
+
+
+@pytest.fixture
 def broker(broker_url: str) -> redis.Redis:
     return redis.Redis.from_url(broker_url)
 

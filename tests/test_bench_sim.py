@@ -140,7 +140,7 @@ class CountingProbe(RebalanceProbe):
     def __init__(self, sim: Simulation, *args) -> None:
         super().__init__(*args)
         self.sim = sim
-        self.peak_in_flight = 0
+        self.peak_in_flight = self.peak_running = 0
 
     def observe(self, records, states, depths, runtimes) -> None:
         waiting = sum(d.waiting for d in depths.values())
@@ -149,6 +149,7 @@ class CountingProbe(RebalanceProbe):
         assert waiting + in_flight + done + self.sim.out.rejected == len(self.sim.jobs), self.sim.now
         assert in_flight == sum(s["running"] + s["held"] for s in states.values()), self.sim.now
         self.peak_in_flight = max(self.peak_in_flight, in_flight)
+        self.peak_running = max(self.peak_running, max(s["running"] for s in states.values()))
         super().observe(records, states, depths, runtimes)
 
 
@@ -171,7 +172,9 @@ def test_the_real_rebalance_policy_watches_every_interval_without_changing_the_s
     probe = watched.probe
     assert probe.interval_s == watched.app.taskmesh_config.rebalance.interval_s
     assert probe.log.runs == math.ceil(watched.out.makespan_s / probe.interval_s) - 1 == len(probe.log.run_us)
-    assert 16 < probe.peak_in_flight <= 16 * 4  # GPUs share, and never beyond the fleet's pool slots
+    window = watched.policy.backfill_window
+    assert 16 < probe.peak_in_flight <= 16 * (4 + 1 + window)  # GPUs share; held: a head and its window
+    assert probe.peak_running == 4  # never beyond a worker's pool slots
     log = probe.log
     assert log.raised["age"] >= 1 and log.raised["depth"] == 0  # tasks waited past 600 s; no depth threshold
     assert log.peak_hints["gpu"] > 16 and log.peak_hints["cpu"] == 0  # backlog wants more GPU replicas

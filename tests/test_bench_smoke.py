@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from benchmarks import SCENARIOS
+from benchmarks import SCENARIOS, tables
 from benchmarks.real_gpu import unavailable
 
 from .conftest import ROOT, marked
@@ -63,3 +63,9 @@ def test_bench_lists_scenarios_and_names_the_fix_for_a_bad_parameter():
     bad = subprocess.run([sys.executable, "-m", "taskmesh", "bench", "--set", "mixed.gpu_task=3", "--list"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "mixed has no parameter 'gpu_task'" in bad.stderr and "gpu_tasks" in bad.stderr
+
+
+def test_the_benchmarks_tables_are_generated_from_the_committed_results():
+    """BENCHMARKS.md's generated blocks say what benchmarks/results/*.json say (python -m benchmarks.tables)."""
+    text = tables.DOC.read_text()
+    assert "<!-- generated: one_gpu -->" in text and tables.generated(text) == text

@@ -17,7 +17,6 @@ from taskmesh.state.keys import STATES
 from taskmesh.state.queues import QueueDepth, app_queue_depths, queue_depths
 from taskmesh.state.registry import Registry
 
-from .conftest import queue_depth
 from .test_admission import GIB, start_gpus, stats
 
 AGE_S = 4.0
@@ -39,9 +38,9 @@ def test_the_head_of_the_line_handed_back_at_half_the_visibility_timeout_still_r
     head = gpu_app.ten_gib.delay(0.1, label="head")
     wait_until(lambda: stats(gpu_app.app, node)["held"] == 1, "the first task was held")
     behind = [gpu_app.ten_gib.delay(0.1, label=f"behind{i}") for i in range(2)]
-    wait_until(lambda: queue_depth(broker, "gpu") == 2, "the later tasks wait in the queue (intake paused)")
-    wait_until(lambda: stats(gpu_app.app, node)["counters"].get("requeued"), "the head was handed back", 30)
-    wait_until(lambda: stats(gpu_app.app, node)["held"] == 1, "a message is held again")
+    wait_until(lambda: stats(gpu_app.app, node)["held"] == 3, "the later tasks wait behind it (none fits)")
+    wait_until(lambda: stats(gpu_app.app, node)["counters"].get("requeued"), "the line was handed back", 30)
+    wait_until(lambda: stats(gpu_app.app, node)["held"] == 3, "the line is held again")
     memory.use(0, 0)
     for result in [head, *behind]:
         result.get(timeout=60)

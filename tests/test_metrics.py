@@ -23,7 +23,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from taskmesh import QueueFull, create_app
 from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
 from taskmesh.observe.batch_metrics import BATCH_METRICS
-from taskmesh.observe.metrics import ALERTS, EVENT_FED, KNOWN_COUNTERS, METRICS, REBALANCE_RUNS, TELEMETRY
+from taskmesh.observe.metrics import (
+    ALERTS,
+    EVENT_FED,
+    KNOWN_COUNTERS,
+    METRICS,
+    MODEL_SERIES,
+    REBALANCE_RUNS,
+    TELEMETRY,
+)
 from taskmesh.run.stack import free_port
 
 from .conftest import ROOT, wait_for_workers
@@ -301,8 +309,9 @@ def test_every_documented_metric_is_in_a_live_scrape_and_nothing_else(gpu_app, b
     documented = sample_names({**METRICS, **EVENT_FED, **BATCH_METRICS})
     scraped = {sample.name for sample in s.samples}
     assert scraped <= documented
+    models = sample_names({name: METRICS[name] for name in MODEL_SERIES})  # this app declares no model
     # simulated GPUs have no utilisation, temperature or power; batch series come once a batch ran (test_batching)
-    assert documented - scraped == set(TELEMETRY) | sample_names(BATCH_METRICS)
+    assert documented - scraped == set(TELEMETRY) | models | sample_names(BATCH_METRICS)
 
 
 def test_dashboard_and_alert_rules_read_only_metrics_the_exporter_exports():

@@ -1,5 +1,6 @@
 """The app layer: ``create_app``, the task base, routing, the submit checks, the
-rebalancer's beat task, progress and placement — ordinary Celery configuration. Beyond
+rebalancer's beat task, progress and placement, declared models (``models``) and the
+pool process's warm copies of them (``warm``) — ordinary Celery configuration. Beyond
 Celery's public API it extends three seams every task passes through, each named where
 it is done: ``Celery._task_from_fun`` (every task class, ``@shared_task`` included),
 ``Celery.send_task`` (every send) and ``AMQP.flush_routes`` (the route table).

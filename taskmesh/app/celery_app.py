@@ -34,6 +34,7 @@ from taskmesh.app.beat import schedule_rebalance
 from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.cuda import connect_empty_cache
 from taskmesh.app.dead_letters import connect_dead_letters
+from taskmesh.app.models import declare_model
 from taskmesh.app.sending import prepare_send, requirement_by_name
 from taskmesh.app.task import TaskmeshTask, with_taskmesh
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
@@ -70,6 +71,11 @@ class TaskmeshCelery(Celery):
             return super(TaskmeshCelery, self).task(**dict(opts, requirement=requirement, **extra))(fun)
 
         return declare
+
+    def model(self, name: str, vram: Any, load_s: float | None = None, never_evict: bool = False,
+              unloader: Any = None) -> Any:
+        """Declare a model over its loader (see ``app.models``); tasks name it with ``model=``."""
+        return declare_model(self, name, vram, load_s=load_s, never_evict=never_evict, unloader=unloader)
 
     def _task_from_fun(self, fun: Any, name: str | None = None, base: Any = None, **options: Any) -> Any:
         name = name or self.gen_task_name(fun.__name__, fun.__module__)

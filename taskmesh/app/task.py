@@ -17,6 +17,7 @@ from celery import Task
 from taskmesh.app.batching import cached_result, check_batch_call, remember_result
 from taskmesh.app.progress import report_progress
 from taskmesh.app.sending import RETURNED, name_priority
+from taskmesh.app.warm import run_warm
 from taskmesh.core.batching import Batching
 from taskmesh.core.requirements import Requirement
 
@@ -52,13 +53,20 @@ class TaskmeshTask(Task):
         # body) is sent for a finished task and must not be refused (``app.sending``).
         request = self.request
         try:
-            value = super().__call__(*args, **kwargs)
-            if self.batching is not None and not request.called_directly:
+            if request.called_directly:
+                return super().__call__(*args, **kwargs)
+            value = run_warm(self, lambda: super(TaskmeshTask, self).__call__(*args, **kwargs))
+            if self.batching is not None:
                 remember_result(self, args, kwargs, value)
             return value
         finally:
             if not request.called_directly:
                 setattr(request, RETURNED, True)
+
+    def run_items(self, items: list[Any]) -> Any:
+        """One micro-batch (``batch_size``): the function on the list of items, with the task's
+        warm model loaded as for any run (``app.warm``); the worker's ``batch_run`` calls it."""
+        return run_warm(self, lambda: self.run(items))
 
     def progress(self, done: float, total: float) -> None:
         """How far this run is (bound tasks): ``taskmesh top`` shows a bar and an ETA, Flower a PROGRESS state."""

@@ -48,11 +48,19 @@ def gpu_summary(state: dict[str, Any]) -> str:
 
     Flower lists extra ``stats`` entries as their ``str()``, so the detailed
     ``taskmesh`` dict shows there as one long Python repr; this line is what an
-    operator reads at a glance: model, reserved of total, observed free, health.
+    operator reads at a glance: model, reserved of total, observed free, health, and the
+    warm models' state when it holds any.
     """
     return "; ".join(
         f"GPU {g['index']} {g['name']}: {format_mib(g['memory_reserved_mib'])} of "
         f"{format_mib(g['memory_total_mib'])} reserved, {format_mib(g['memory_free_observed_mib'])} free, "
-        f"{'healthy' if g['healthy'] else 'UNHEALTHY'}, {len(g['running'])} running"
+        f"{'healthy' if g['healthy'] else 'UNHEALTHY'}, {len(g['running'])} running{_warm(g)}"
         for g in state["gpus"]
     )
+
+
+def _warm(gpu: dict[str, Any]) -> str:
+    """``, READY qwen2.5:7b`` for a GPU holding warm models (or loading one); nothing otherwise."""
+    if not gpu.get("models") and gpu.get("state") not in ("loading", "unloading"):
+        return ""
+    return f", {str(gpu.get('state')).upper()} {', '.join(gpu.get('models') or ()) or '-'}"

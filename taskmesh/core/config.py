@@ -23,6 +23,7 @@ import yaml
 
 from taskmesh.core.config_schema import ENV_OVERRIDES, QUEUE_ENV_PREFIX, SCHEMA, check
 from taskmesh.core.errors import ConfigError
+from taskmesh.core.held_line import LinePolicy
 from taskmesh.core.profiles import QUEUES, Profile
 
 SELECT_ENV = ("TASKMESH_HARDWARE", "HARDWARE_CONFIG")
@@ -58,6 +59,13 @@ class AdmissionConfig:
     registry_memory_s: float = 86400.0  # hardware seen this recently counts as existing
     queue_full_wait_s: float = 0.0  # apply_async waits this long for room before raising QueueFull
     visibility_timeout_s: float | None = None  # Redis redelivery timeout; None: derived from time limits
+    backfill: str = "best_fit"  # which held message starts in a gap behind the waiting head (core.held_line)
+    max_head_wait_s: float = 30.0  # once the head has waited this long, nothing more is backfilled
+    backfill_window: int = 8  # how many held messages behind the head may be backfilled (0: none)
+
+    def line_policy(self) -> LinePolicy:
+        """The held-line policy these settings ask for (the worker and the simulator use it)."""
+        return LinePolicy(self.backfill, self.max_head_wait_s, self.backfill_window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +96,7 @@ class Config:
         default_factory=lambda: {q: QueueConfig() for q in QUEUES}
     )
     tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    models: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # name → load_s, never_evict
     admission: AdmissionConfig = AdmissionConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
 
@@ -195,6 +204,7 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
         task_groups=groups,
         queues=queues,
         tasks=data.get("tasks", {}),
+        models=data.get("models", {}),
         admission=_fenced(source, AdmissionConfig(**admission)),
         rebalance=RebalanceConfig(**data.get("rebalance", {})),
     )

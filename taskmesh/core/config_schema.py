@@ -15,6 +15,7 @@ from typing import Any
 from taskmesh.core.errors import ConfigError
 from taskmesh.core.gpus import parse_simulated_spec
 from taskmesh.core.header_fields import finite_number
+from taskmesh.core.held_line import RULES
 from taskmesh.core.profiles import QUEUES, Profile
 from taskmesh.core.requirements import REQUIREMENT_OPTIONS
 from taskmesh.core.sizes import SizeError, parse_mib
@@ -142,6 +143,13 @@ def _infeasible(value: Any) -> str:
     return value
 
 
+def _backfill(value: Any) -> str:
+    if value not in RULES:
+        raise ValueError(f"{value!r} is not a backfill rule; use one of {', '.join(RULES)} (best_fit, the default, "
+                         "packs GPUs closest; strict never starts a message ahead of the head of the line)")
+    return value
+
+
 _Schema = Mapping[str, "Callable[[Any], Any] | _Schema"]
 _QUEUE_SCHEMA = {
     "max_depth": _optional_int,
@@ -152,6 +160,12 @@ _QUEUE_SCHEMA = {
     "alert_age_s": _seconds,
     "max_concurrency": _optional_int,
 }
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
 
 
 def _home(value: Any) -> str | None:
@@ -178,6 +192,9 @@ _ADMISSION_SCHEMA = {
     "registry_memory_s": _memory_s,
     "queue_full_wait_s": _seconds,
     "visibility_timeout_s": _positive_number,
+    "backfill": _backfill,
+    "max_head_wait_s": _seconds,
+    "backfill_window": _count,
 }
 _GROUP_SCHEMA = {
     "threads": _positive_int,
@@ -203,6 +220,7 @@ SCHEMA: _Schema = {
     "tasks": {"*": {option: (lambda v: v) for option in REQUIREMENT_OPTIONS + ("priority",)}},
     "admission": _ADMISSION_SCHEMA,
     "rebalance": _REBALANCE_SCHEMA,
+    "models": {"*": {"load_s": _positive_number, "never_evict": _flag}},
 }
 
 #: environment variable → (dotted key, converter); applied over the file.
@@ -218,6 +236,9 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_ON_INFEASIBLE": ("admission.on_infeasible", _infeasible),
     "TASKMESH_REBALANCE_INTERVAL_S": ("rebalance.interval_s", _interval),
     "TASKMESH_VISIBILITY_TIMEOUT_S": ("admission.visibility_timeout_s", _positive_number),
+    "TASKMESH_BACKFILL": ("admission.backfill", _backfill),
+    "TASKMESH_MAX_HEAD_WAIT_S": ("admission.max_head_wait_s", _seconds),
+    "TASKMESH_BACKFILL_WINDOW": ("admission.backfill_window", _count),
 }
 #: every queue threshold too: TASKMESH_QUEUE_<QUEUE>_<KEY>, e.g. TASKMESH_QUEUE_GPU_MAX_DEPTH=500
 QUEUE_ENV_PREFIX = "TASKMESH_QUEUE_"

@@ -39,3 +39,16 @@ class AppLoadError(TaskmeshError):
 class MessageRefused(TaskmeshError):
     """A worker refused a message it cannot run safely (its ``taskmesh`` header or its body
     cannot be read); the task did not run. Stored as the task's result, so ``.get()`` says why."""
+
+
+class ModelLoadError(TaskmeshError):
+    """A task's declared model could not be loaded (its loader raised, or its memory could not
+    be reserved); the task failed, and nothing stays reserved for the model."""
+
+
+class ModelDeclarationError(TaskmeshError, ValueError):
+    """``@app.model(...)`` was given something that cannot be used; raised at import, naming the model."""
+
+    def __init__(self, model: str, problem: str) -> None:
+        self.model = model
+        super().__init__(f"model {model!r}: {problem}")

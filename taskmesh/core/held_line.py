@@ -1,23 +1,121 @@
 """The held-line policy: which held messages may start, given the gate's answers.
 
-Strict head of line: messages start in arrival order, and the first that must wait
-stops the line, so a large task cannot be starved by small ones that keep fitting
-around it. Pure: the worker passes its line and a function that asks the gate (and
-starts the message when the answer is yes).
+The head of the line (the oldest held message) is always asked first. While it waits
+for memory, messages behind it that fit *now* may start in the gap — backfill — so one
+large task no longer idles every other slot on its GPU. Two bounds keep that honest:
+
+- **an age limit**: once the head has waited ``max_head_wait_s``, nothing more is
+  backfilled until it runs, so a large task cannot be starved by small ones that keep
+  fitting around it (the memory they free is then left for the head);
+- **priorities win**: a message never starts ahead of a waiting message of higher
+  priority (a lower Celery number: ``Priority.CRITICAL`` is 0, ``LOW`` 9), so a
+  CRITICAL task is never overtaken by a LOW one.
+
+Among the messages allowed, the *rule* says which to try first: ``best_fit`` the
+largest (the one that fits leaves the least memory idle; the default, see README
+"Backfill" for the figures), ``smallest_fit`` the smallest, ``first_fit`` the oldest,
+``strict`` none (head of line only). Only the ``backfill_window`` messages right behind
+the head are considered, which bounds the gate's work per pass and how many messages a
+worker holds unacknowledged.
+
+Pure: the worker's controller and the fleet simulator (``benchmarks/simulate.py``) pass
+their line, a function that asks the gate (and starts the message when the answer is
+yes), and how to read a message's arrival, size and priority.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
+RULES = ("best_fit", "first_fit", "smallest_fit", "strict")
 
-def start_in_order(line: collections.deque[T], admit: Callable[[T], bool]) -> list[T]:
-    """Pop and return what *admit* started, from the front, up to the first it refused."""
+
+@dataclasses.dataclass(frozen=True)
+class LinePolicy:
+    """How a worker's held line moves (``admission.backfill``, ``max_head_wait_s``, ``backfill_window``)."""
+
+    rule: str = "best_fit"
+    max_head_wait_s: float = 30.0
+    backfill_window: int = 8
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"{self.rule!r} is not a backfill rule; use one of {', '.join(RULES)}")
+
+    def backfills(self, head_waited_s: float) -> bool:
+        """May messages behind a head that has waited *head_waited_s* start now?"""
+        return self.rule != "strict" and self.backfill_window > 0 and head_waited_s < self.max_head_wait_s
+
+    def takes_more(self, held: int, head_waited_s: float) -> bool:
+        """Should a worker holding *held* messages keep taking new ones? Only while they could
+        be backfilled: with the window full, or the head past its limit, intake pauses."""
+        return held == 0 or (self.backfills(head_waited_s) and held <= self.backfill_window)
+
+
+def start_in_order(line: collections.deque[T], admit: Callable[[T], bool], slots: float = math.inf) -> list[T]:
+    """Pop and return what *admit* started, from the front, up to the first it refused
+    (and no more than *slots*)."""
     started = []
-    while line and admit(line[0]):
+    while line and len(started) < slots and admit(line[0]):
         started.append(line.popleft())
     return started
+
+
+def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now: float, policy: LinePolicy,
+                    since: Callable[[T], float], size: Callable[[T], float],
+                    priority: Callable[[T], int], slots: float = math.inf) -> list[T]:
+    """Remove from *line* and return what *admit* started: the head first, in order, then —
+    while the head waits and has waited less than the policy's limit — what fits behind it.
+
+    *since* gives a message's arrival (the same clock as *now*), *size* what it claims
+    (for the fit rules), *priority* its Celery priority (lower first); at most *slots*
+    start (the worker's free pool slots: a held message is not counted by its prefetch
+    once it starts, so nothing else stops a line from overfilling the pool). Each message is
+    asked at most once per call: what the gate refused stays refused while the messages
+    started meanwhile only take more room.
+    """
+    started = start_in_order(line, admit, slots)
+    if not line or len(started) >= slots or not policy.backfills(now - since(line[0])):
+        return started
+    window = list(itertools.islice(line, 1, 1 + policy.backfill_window))
+    refused: set[int] = set()
+    while True:
+        candidates = _allowed(line[0], window, refused, priority)
+        if policy.rule == "best_fit":
+            candidates.sort(key=size, reverse=True)  # stable: the older of two equal sizes first
+        elif policy.rule == "smallest_fit":
+            candidates.sort(key=size)
+        for item in candidates:
+            if admit(item):
+                _remove(window, item)
+                _remove(line, item)
+                started.append(item)
+                if len(started) >= slots:
+                    return started
+                break  # priorities may now allow another: look again
+            refused.add(id(item))
+        else:
+            return started
+
+
+def _allowed(head: T, window: list[T], refused: set[int], priority: Callable[[T], int]) -> list[T]:
+    """Messages of *window* not refused yet and of no lower priority than any still waiting ahead of them."""
+    allowed, most_urgent = [], priority(head)
+    for item in window:
+        urgency = priority(item)
+        if urgency <= most_urgent and id(item) not in refused:
+            allowed.append(item)
+        most_urgent = min(most_urgent, urgency)
+    return allowed
+
+
+def _remove(items: collections.deque[T] | list[T], item: T) -> None:
+    """Remove *item* itself (not an equal one: two held messages may compare equal)."""
+    del items[next(i for i, other in enumerate(items) if other is item)]

@@ -23,6 +23,8 @@ class GpuRecord:
     memory_total_mib: int
     compute_capability: tuple[int, int]
     healthy: bool = True
+    state: str = "idle"  # idle, loading, ready, busy, unloading (core.models)
+    models: tuple[str, ...] = ()  # the models warm on it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,8 @@ class WorkerRecord:
     def from_json(cls, raw: str | bytes) -> WorkerRecord:
         data: dict[str, Any] = json.loads(raw)
         gpus = tuple(
-            GpuRecord(**{**_known(GpuRecord, g), "compute_capability": tuple(g["compute_capability"])})
+            GpuRecord(**{**_known(GpuRecord, g), "compute_capability": tuple(g["compute_capability"]),
+                         "models": tuple(g.get("models") or ())})
             for g in data.get("gpus") or ()
         )
         return cls(**{**_known(cls, data), "queues": tuple(data.get("queues") or ()), "gpus": gpus})

@@ -26,12 +26,14 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from taskmesh.core.config import load_config
+from taskmesh.core.models import GPU_STATES
 from taskmesh.core.nodes import group_of, host_of
 from taskmesh.core.records import WorkerRecord
 from taskmesh.observe.batch_metrics import batch_families
 from taskmesh.state.client import broker_client
 from taskmesh.state.keys import ALERTS, COUNTERS
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
+from taskmesh.state.models import ModelStore
 from taskmesh.state.queues import app_queue_depths
 from taskmesh.state.registry import Registry
 
@@ -94,7 +96,16 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "taskmesh_gpu_memory_reserved_mib": ("gauge", "GPU memory reserved by admitted tasks (in MiB)", GPU_LABELS),
     "taskmesh_gpu_healthy": ("gauge", "1 when the GPU is healthy (no Xid error, not failed)", GPU_LABELS),
     "taskmesh_gpu_running_tasks": ("gauge", "Tasks running on the GPU", GPU_LABELS),
+    "taskmesh_gpu_state": ("gauge", "1 for the GPU's warm-model state (idle, loading, ready, busy, unloading)",
+                           (*GPU_LABELS, "state")),
+    "taskmesh_model_loaded": ("gauge", "1 for each model warm on the GPU", (*GPU_LABELS, "model")),
+    "taskmesh_model_loads": ("counter", "Model loads done by the fleet", ("model",)),
+    "taskmesh_model_load_seconds": ("counter", "Time the fleet spent loading the model", ("model",)),
+    "taskmesh_model_load_time_seconds": ("gauge", "The model's learned load time (moving average)", ("model",)),
 }
+# Series that exist once a declared model has been loaded somewhere (none in a fleet without models).
+MODEL_SERIES = ("taskmesh_model_loaded", "taskmesh_model_loads", "taskmesh_model_load_seconds",
+                "taskmesh_model_load_time_seconds")
 # Fed by Celery events in ``exporter.TaskTimings``, not read at scrape time.
 EVENT_FED: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "taskmesh_task_runtime_seconds": ("histogram", "Task run time, from started to finished", ("task", "queue")),
@@ -155,6 +166,7 @@ class TaskmeshCollector:
             *self.rebalancer_families(),
             *self.worker_families(workers, alive, states),
             *self.gpu_families(workers, states),
+            *self.model_families(),
             *batch_families(self.client),
         ]
 
@@ -246,7 +258,27 @@ class TaskmeshCollector:
             out["taskmesh_gpu_memory_reserved_mib"].add_metric(labels, gpu.get("memory_reserved_mib") or 0)
             out["taskmesh_gpu_healthy"].add_metric(labels, 1 if gpu.get("healthy", True) else 0)
             out["taskmesh_gpu_running_tasks"].add_metric(labels, running[uuid])
+        out["taskmesh_gpu_state"], out["taskmesh_model_loaded"] = family("taskmesh_gpu_state"), family(
+            "taskmesh_model_loaded")
+        for uuid, (gpu, host) in sorted(gpus.items(), key=lambda item: (item[1][1], item[1][0]["index"])):
+            labels = [str(gpu["index"]), uuid, str(gpu.get("name") or ""), host]
+            current = gpu.get("state") or ("busy" if running[uuid] else "idle")
+            for state in GPU_STATES:
+                out["taskmesh_gpu_state"].add_metric([*labels, state], 1 if state == current else 0)
+            for model in gpu.get("models") or ():
+                out["taskmesh_model_loaded"].add_metric([*labels, model], 1)
         return list(out.values())
+
+    def model_families(self) -> list[Metric]:
+        store = ModelStore(self.client)
+        loads, seconds, learned = (family(f"taskmesh_model_{n}")
+                                   for n in ("loads", "load_seconds", "load_time_seconds"))
+        for model, done in sorted(store.loads().items()):
+            loads.add_metric([model], done.get("count", 0))
+            seconds.add_metric([model], done.get("seconds", 0.0))
+        for model, value in sorted(store.learned().items()):
+            learned.add_metric([model], value)
+        return [loads, seconds, learned]
 
 
 def _json_object(raw: Any, where: str) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from taskmesh.core.nodes import group_of, kind_of
 from taskmesh.core.records import WorkerRecord
 from taskmesh.state.keys import ALERTS, COUNTERS, NEED_QUEUES, PROGRESS, STATES
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
+from taskmesh.state.models import ModelStore
 from taskmesh.state.queues import app_queue_depths
 from taskmesh.state.registry import Registry
 
@@ -90,6 +91,7 @@ def collect_status(app: Any, now: float | None = None) -> dict[str, Any]:
             "hints": hints,
         },
         "counters": {**dict.fromkeys(COUNTER_NAMES, 0), **{_text(k): int(v) for k, v in raw_counters.items()}},
+        "models": ModelStore(client).summary(),
     }
 
 
@@ -180,6 +182,10 @@ def _gpus(
                     "tasks": tasks,
                     "tasks_done": int(seen.get("tasks_done") or 0),
                     "idle_since": seen.get("idle_since"),
+                    "model_state": seen.get("state", "busy" if tasks else "idle"),  # warm models (core.models)
+                    "models": list(seen.get("models") or ()),
+                    "model_tasks": int(seen.get("model_tasks") or 0),
+                    "model_last_used": seen.get("model_last_used"),
                 }
                 continue
             gpu["workers"].append(node)

@@ -41,7 +41,7 @@ STATE_STYLES = {"idle": "cyan", "busy": "green", "paused": "yellow", "unhealthy"
 def render(status: dict[str, Any]) -> RenderableType:
     """One frame of the dashboard from ``collect_status`` output."""
     return Group(
-        _header(status), _gpus(status), _other_progress(status), _queues(status), _groups(status),
+        _header(status), _gpus(status), _warm(status), _other_progress(status), _queues(status), _groups(status),
         _alerts(status), _rebalancer(status),
     )
 
@@ -69,6 +69,21 @@ def _gpus(status: dict[str, Any]) -> RenderableType:
             cells = _task_cells(task) if task else ["", "", "", ""]
             table.add_row(*(first if i == 0 else ["", "", ""]), *cells, *(last if i == 0 else ["", "", ""]))
     return table
+
+
+def warm_line(gpu: dict[str, Any], now: float) -> str:
+    """Seed 001's dashboard line: ``GPU 1: [READY] qwen2.5:7b  idle 5m  tasks: 23``."""
+    state = gpu.get("model_state") or gpu["state"]
+    idle = gpu.get("model_last_used")
+    since = f"  idle {_duration(max(0.0, now - idle))}" if state == "ready" and idle else ""
+    return (f"GPU {gpu['index']}: [{state.upper()}] {', '.join(gpu.get('models') or ()) or '-'}{since}"
+            f"  tasks: {gpu.get('model_tasks') or 0}")
+
+
+def _warm(status: dict[str, Any]) -> RenderableType:
+    lines = [warm_line(g, status["at"]) for g in status["gpus"] if g.get("models") or g.get("model_state") not in
+             (None, "idle", "busy")]
+    return Text("\n".join(["Warm models"] + lines)) if lines else Group()
 
 
 def _task_cells(task: dict[str, Any]) -> list[RenderableType]:

@@ -30,6 +30,11 @@ REBALANCE_RESIZED = "taskmesh:rebalance:resized"  # node → when its pool was l
 ALERTS = "taskmesh:alerts"  # alert key → JSON
 DEAD_LETTERS = "taskmesh:dead-letters"  # task id → JSON: tasks that failed for good, and messages refused unrun
 ONCE_PREFIX = "taskmesh:once:"  # + task id + ":" + retries: "running:<holder>" or "done" (once=True tasks)
+# warm models
+MODELS_HELD = "taskmesh:models:"  # + node: hash pool pid → JSON of the models that process holds and its state
+MODEL_LOAD_S = "taskmesh:model-load-s"  # model → learned load time (EWMA, seconds), shared by the fleet
+MODEL_LOADS = "taskmesh:model-loads"  # "<model>:count" / "<model>:seconds": loads done and time spent
+EVICTIONS = "taskmesh:evictions"  # list, newest first: each eviction decision and its reason (JSON)
 
 # --- micro-batching, batch jobs and result caching ---
 BATCH_JOB_PREFIX = "taskmesh:batch:"  # + batch id: hash task, total, created, cancelled; + ":ids": its task ids

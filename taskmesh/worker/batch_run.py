@@ -32,7 +32,6 @@ from celery.app.task import Context
 from celery.utils.saferepr import saferepr
 
 from taskmesh.core.batching import cache_key
-from taskmesh.core.headers import GPUS_HEADER
 from taskmesh.state.batches import record_batch, remember
 from taskmesh.state.client import broker_client
 
@@ -59,7 +58,7 @@ def _client(app: Any) -> Any:
 
 
 def run_batch(name: str, batch_id: str, items: list[tuple[str, Any, dict[str, Any]]],
-              gpus: list[str] | None) -> tuple[list[tuple[bool, str]], float]:
+              admitted: dict[str, Any]) -> tuple[list[tuple[bool, str]], float]:
     """In the pool: call *name*'s function on the items; store every item's outcome; (outcomes, seconds)."""
     app = current_app._get_current_object()
     task = app.tasks[name]
@@ -67,7 +66,7 @@ def run_batch(name: str, batch_id: str, items: list[tuple[str, Any, dict[str, An
     values = [item for _, item, _ in items]
     context = Context(id=batch_id, task=name, batch=[tid for tid, _, _ in items], called_directly=False,
                       delivery_info=items[0][2].get("delivery_info"), hostname=items[0][2].get("hostname"),
-                      **{GPUS_HEADER: gpus})
+                      **admitted)  # the GPUs (and warm model) admission gave the batch
     if task.track_started:  # as Celery's trace does: AsyncResult.state, Flower and cancel_batch see it started
         for task_id, _, request in items:
             task.backend.store_result(task_id, {"pid": os.getpid(), "hostname": request.get("hostname")}, "STARTED",
@@ -93,7 +92,7 @@ def run_batch(name: str, batch_id: str, items: list[tuple[str, Any, dict[str, An
 def _call(task: Any, values: list[Any]) -> list[Any]:
     """One outcome per item: a value, or an exception (raised: for every item)."""
     try:
-        results = task.run(values)
+        results = task.run_items(values)
         results = list(results)
     except Exception as exc:
         exc.__taskmesh_tb__ = traceback.format_exc()  # type: ignore[attr-defined]

@@ -42,7 +42,7 @@ from kombu.asynchronous.timer import to_timestamp
 from kombu.utils.uuid import uuid
 
 from taskmesh.core.gate import Reroute
-from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
+from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER, WARM_HEADER
 from taskmesh.core.need_queues import fits, need_queue
 from taskmesh.core.profiles import Priority, Profile
 from taskmesh.worker.batch_run import BatchOutcome, ItemFailure, run_batch
@@ -234,7 +234,8 @@ class Batcher:
         requirement = self.batching.requirement(self.task.requirement, len(requests))
         first = requests[0].message
         envelope = BatchEnvelope(
-            headers={**first.headers, "id": batch_id, "eta": None, "expires": None,
+            headers={**{k: v for k, v in first.headers.items() if k not in (GPUS_HEADER, WARM_HEADER)},
+                     "id": batch_id, "eta": None, "expires": None,
                      REQUIREMENT_HEADER: requirement.to_header()},
             delivery_tag=str(first.delivery_tag), delivery_info=first.delivery_info or {})
         if controller is None:
@@ -254,7 +255,8 @@ class Batcher:
         # with the body's embed (callbacks, errbacks, chain, chord), as Celery's own execution has it
         items = [(r.id, r.args[0], {**r.request_dict, **(r._payload[2] or {})}) for r in requests]
         self.consumer.pool.apply_async(
-            run_batch, args=(self.task.name, batch_id, items, envelope.headers.get(GPUS_HEADER)),
+            run_batch, args=(self.task.name, batch_id, items,
+                             {h: envelope.headers[h] for h in (GPUS_HEADER, WARM_HEADER) if h in envelope.headers}),
             accept_callback=outcome.accepted, callback=outcome.returned, error_callback=outcome.failed,
             soft_timeout=self.task.soft_time_limit, timeout=self.task.time_limit, correlation_id=batch_id)
 

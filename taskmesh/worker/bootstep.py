@@ -34,7 +34,7 @@ from taskmesh.worker.envelope import guard_unreadable
 from taskmesh.worker.heartbeat import Heartbeat
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.once import OnceGuard, keep_done_s
-from taskmesh.worker.recovery import put_back
+from taskmesh.worker.recovery import guard_restore, put_back
 from taskmesh.worker.report import Reporter
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class AdmissionStep(bootsteps.StartStopStep):
             _say_mixed_without_gpu(self.controller)
         c.taskmesh_admission = self.controller
         guard_unreadable(c, lambda: self.controller.counters.update(("unreadable",)))
+        guard_restore(getattr(c.task_consumer, "channel", None))
         if self.controller.let_go_tags:  # kombu put them back as the old channel closed, unless Redis was down
             with c.app.connection_for_write() as conn:
                 restored = put_back(conn.default_channel, self.controller.let_go_tags)

@@ -1,10 +1,10 @@
 """The admission controller: one per worker, between Celery's consumer and the ``Gate``.
 
 It owns the worker-side state of admission: the messages held because they do not
-fit yet (in arrival order, by ``core.held_line``), the reservations of admitted
-tasks and what was learned of their run times, and why intake is paused
-(``intake``). ``bootstep`` wires it into Celery; the decisions themselves are the
-``Gate``'s.
+fit yet (in arrival order; ``core.held_line`` says which start, backfilling past a
+waiting head), the reservations of admitted tasks and what was learned of their run
+times, and why intake is paused (``intake``). ``bootstep`` wires it into Celery; the
+decisions themselves are the ``Gate``'s.
 
 Fail closed: a message that cannot be read is refused (``refusal``) before anything
 is reserved, and a worker that sees no GPU consumes no GPU queue: it says why at
@@ -28,16 +28,17 @@ from typing import Any
 from taskmesh.core.activity import GpuActivity
 from taskmesh.core.gate import Decision, Gate, Reroute, Wait
 from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
-from taskmesh.core.held_line import start_in_order
 from taskmesh.hardware.inventory import gpu_problem
 from taskmesh.hardware.pressure import host_pressure
 from taskmesh.state.registry import Registry
 from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_need_queues
-from taskmesh.worker.held import Held, Running, expired
+from taskmesh.worker.held import Held, Running, expired, start_held, takes_more
 from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
+from taskmesh.worker.recovery import put_back_line
 from taskmesh.worker.refusal import refuse, requirement_of
 from taskmesh.worker.strategy import is_revoked, live_request_ids
+from taskmesh.worker.warm import WarmModels
 
 log = logging.getLogger(__name__)
 RECONCILE_AFTER_S = 2.0
@@ -66,7 +67,9 @@ class AdmissionController:
         self.subscribed: set[str] = set()
         self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
         self.pool_history: list[tuple[float, int]] = []  # (time, size) after each resize
+        self.policy = gate.config.line_policy()
         self.no_gpu = None if gate.known else gpu_problem(gate.provider, gate.gpu_uuids) or "no GPU found"
+        self.warm = WarmModels(self)  # declared models: what the pool processes hold, eviction
 
     # --- messages -------------------------------------------------------------------
 
@@ -90,7 +93,7 @@ class AdmissionController:
         self.changed.set()
         held = Held(message, proceed, requirement, time.monotonic() if since is None else since, give_back)
         if self.held or self._blocked():
-            self._hold(held)
+            self._hold(held, backfill=True)
             return
         if not self._try(held):
             self._hold(held)
@@ -122,7 +125,7 @@ class AdmissionController:
         if task_id in self.reservations:  # a retry delivered before its last run let go: that release would free it
             decision: Decision = Wait(f"the previous run of {task_id} still holds its reservation")
         else:  # by incarnation: a restart under the same name must not adopt its predecessor's reservation
-            decision = self.gate.decide(held.requirement, f"{self.node}#{self.incarnation}/{task_id}")
+            decision = self.warm.decide(held, f"{self.node}#{self.incarnation}/{task_id}")
         if isinstance(decision, Wait):
             self.counters["waits"] += 1
             self.reasons["waiting"] = decision.reason
@@ -139,12 +142,17 @@ class AdmissionController:
         held.proceed()
         return True
 
-    def _hold(self, held: Held) -> None:
+    def _hold(self, held: Held, backfill: bool = False) -> None:
         self.held.append(held)
         self.counters["held"] += 1
         if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
             self._requeue_held("this worker's GPUs are unhealthy")
+        if backfill and not self._blocked():  # behind a waiting head, it may start in a gap now
+            start_held(self.held, self._try, self.policy, self._free_slots())
         self._update_intake()
+
+    def _free_slots(self) -> int:
+        return self.consumer.pool.num_processes - len(self.reservations)
 
     def finished(self, task_id: str) -> None:
         """A request ended (any thread): release its reservation and let the line move."""
@@ -174,7 +182,7 @@ class AdmissionController:
 
     def retry_held(self) -> None:
         if not self._blocked():
-            start_in_order(self.held, self._try)
+            start_held(self.held, self._try, self.policy, self._free_slots())
         if not self.held:
             self.reasons.pop("waiting", None)
         self._update_intake()
@@ -192,9 +200,11 @@ class AdmissionController:
             self._requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
 
     def _requeue_held(self, why: str) -> None:
-        while self.held:  # the last first, so that the line is back in its order at the front of the queue
+        if self.held:  # in one step, or a fetch meanwhile (intake is open while backfilling) would reorder it
+            put_back_line([held.message for held in self.held])  # Redis unreachable: all stay held, for ``let_go``
+        while self.held:
             held = self.held[-1]
-            held.give_back()  # if Redis is unreachable, what is left stays held, for ``let_go``
+            held.give_back(restore=False)
             self.held.pop()
             with self.lock:
                 self.tags.pop(held.message.headers.get("id"), None)
@@ -232,7 +242,8 @@ class AdmissionController:
         return any(kind not in NOT_PAUSING for kind in self.reasons)
 
     def _update_intake(self) -> None:
-        if self.intake.update(bool(self.held) or self._blocked(), self.reasons):
+        self.intake.hold_slots(len(self.held))  # a held message fills a prefetch slot: see the one behind it
+        if self.intake.update(not takes_more(self.held, self.policy) or self._blocked(), self.reasons):
             self.counters["pauses"] += 1
 
     # --- periodic work --------------------------------------------------------------
@@ -276,9 +287,11 @@ class AdmissionController:
             return list(self.tags.values())
 
     def held_reservations(self) -> dict[str, dict[str, int]]:
-        """Reservation id → pool → amount, for every task admitted and not yet finished."""
+        """Reservation id → pool → amount, for every task admitted and not yet finished, and every
+        model a pool process holds warm."""
         with self.lock:
-            return {run.admitted.reservation: run.admitted.claims() for run in self.reservations.values()}
+            tasks = {run.admitted.reservation: run.admitted.claims() for run in self.reservations.values()}
+        return self.warm.held(tasks)
 
     def release_all(self) -> None:
         """At shutdown: give every reservation back now rather than at its expiry."""
@@ -287,3 +300,4 @@ class AdmissionController:
             self.reservations.clear()
         for run in entries:
             self.gate.ledger.release(run.admitted.reservation, run.admitted.pools)
+        self.warm.release_all()

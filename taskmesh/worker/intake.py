@@ -1,11 +1,19 @@
 """Pausing and resuming a worker's intake, with Celery's documented consumer methods.
 
-While the head of the held line waits for memory (or the GPUs are unhealthy, or the
-host is under pressure), the worker stops consuming every queue
+While the held line takes no more messages (``LinePolicy.takes_more``: the window
+behind the head is full, its head has waited past ``admission.max_head_wait_s``, the
+rule is ``strict``), or the GPUs are unhealthy, or the host is under pressure, the
+worker stops consuming every queue
 (``cancel_task_queue``) and starts again when nothing holds it back
 (``add_task_queue``); nothing is requeued in a loop and nothing runs twice. Queues
 added meanwhile — the rebalancer's assist queue, a need queue this worker's GPUs can
 serve — join the paused set, so a pause is never undone by the side door.
+
+A held message is delivered and unacknowledged, so it fills one of the worker's
+prefetch slots: to see the messages behind it (and backfill them into free pool
+slots), the prefetch count grows by one per held message and shrinks as they leave,
+through ``consumer.qos`` as Celery does for ETA tasks (``increment_eventually``,
+applied by the consumer's loop).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ class Intake:
         self.consumer = consumer
         self.paused_queues: list[str] = []
         self.assist: str | None = None  # the extra queue the rebalancer asked this worker to serve
+        self.extra_prefetch = 0  # prefetch slots added for held messages, on the QoS object below
+        self.qos: Any = None
 
     @property
     def paused(self) -> bool:
@@ -48,6 +58,19 @@ class Intake:
                 self.consumer.add_task_queue(queue)
             log.info("resumed intake of %s", queues)
         return False
+
+    def hold_slots(self, held: int) -> None:
+        """Keep the prefetch count at the pool's slots plus *held* (the held messages)."""
+        qos = self.consumer.qos
+        if qos is not self.qos:  # a new connection starts a new QoS at the initial count, holding nothing
+            self.qos, self.extra_prefetch = qos, 0
+        if qos is None or held == self.extra_prefetch:
+            return
+        if held > self.extra_prefetch:
+            qos.increment_eventually(held - self.extra_prefetch)
+        else:
+            qos.decrement_eventually(self.extra_prefetch - held)
+        self.extra_prefetch = held
 
     def add(self, queue: str) -> None:
         """Consume *queue* too, honouring a pause."""

@@ -13,7 +13,9 @@ stalled would otherwise, on acknowledging its own copy, delete the entry of the 
 running elsewhere, and a crash of that worker would then lose the message.
 
 A live worker whose broker connection dropped while Redis was down puts back its own
-held messages with ``put_back`` (kombu could not restore them as the channel closed).
+held messages with ``put_back`` (kombu could not restore them as the channel closed),
+and hands its held line back with ``put_back_line``. ``guard_restore`` keeps kombu's
+own restore at close from crashing the worker when Redis is gone.
 """
 
 from __future__ import annotations
@@ -92,3 +94,58 @@ def put_back(channel: Any, tags: Iterable[str]) -> int:
             channel.qos.restore_by_tag(tag, client=channel.client, leftmost=False)
             restored += 1
     return restored
+
+
+def put_back_line(messages: list[Any]) -> None:
+    """Put a worker's held *messages* (unacknowledged, in line order) back at the front of
+    their queues in one transaction, the first of the line first to be taken again.
+
+    One by one, a BRPOP already waiting on the queue (the worker's own, while it takes
+    messages behind a held head) would take the first put back — the last of the line —
+    and put it at the head. A message no longer unacknowledged is left alone.
+    """
+    if not messages:
+        return
+    channel = messages[0].channel
+    qos, tags = channel.qos, [m.delivery_tag for m in messages]
+
+    def restore(pipe: Any) -> None:
+        payloads = [pipe.hget(qos.unacked_key, tag) for tag in tags]
+        pipe.multi()
+        for tag, payload in reversed(list(zip(tags, payloads, strict=True))):  # each goes to the front
+            qos._remove_from_indices(tag, pipe)
+            if payload:
+                message, exchange, routing_key = loads(bytes_to_str(payload))
+                channel._do_restore_message(message, exchange, routing_key, pipe, False)
+
+    with channel.conn_or_acquire() as conn:
+        conn.transaction(restore, qos.unacked_key)
+
+
+def guard_restore(channel: Any) -> None:
+    """Let *channel* close without a crash while Redis is down and a ``BRPOP`` is in flight.
+
+    A worker holding a message keeps taking messages behind it (backfill), so its
+    channel usually has a ``BRPOP`` waiting. If Redis goes away then, kombu's
+    ``Channel.close`` fails on that read first, Celery tears the transport down, and the
+    second close's restore of unacknowledged messages asks the dead transport for a new
+    connection and raises ``AttributeError`` — which Celery treats as unrecoverable, so
+    the worker exits. Nothing can be restored without Redis anyway: the restore is
+    skipped with a warning, and the held messages are put back when the consumer
+    reconnects (``put_back`` of the tags ``let_go`` kept).
+    """
+    qos = getattr(channel, "qos", None)
+    restore = getattr(qos, "restore_unacked", None)
+    if restore is None or getattr(restore, "_taskmesh_guarded", False):
+        return
+
+    def restore_unacked(client: Any = None) -> Any:
+        if client is None and getattr(channel.connection, "client", None) is None:
+            log.warning("broker connection gone: %d unacknowledged message(s) not restored now; "
+                        "held ones are put back on reconnect", len(qos._delivered))
+            qos._delivered.clear()
+            return None
+        return restore(client)
+
+    restore_unacked._taskmesh_guarded = True  # type: ignore[attr-defined]
+    qos.restore_unacked = restore_unacked

@@ -42,8 +42,12 @@ class Reporter:
 
     def record(self) -> WorkerRecord:
         c = self.controller
+        with c.lock:
+            running = {uuid: bool(c.activity.of(uuid)["running"]) for uuid in c.gate.known}
+        views = {uuid: c.warm.gpu_view(uuid, running[uuid]) for uuid in c.gate.known}
         gpus = tuple(
-            GpuRecord(g.uuid, g.index, g.name, g.memory_total_mib, g.compute_capability, g.healthy)
+            GpuRecord(g.uuid, g.index, g.name, g.memory_total_mib, g.compute_capability, g.healthy,
+                      state=views[g.uuid]["state"], models=tuple(views[g.uuid]["models"]))
             for g in c.gate.known.values()
         )
         return WorkerRecord(
@@ -59,6 +63,7 @@ class Reporter:
     def state(self) -> dict[str, Any]:
         c = self.controller
         gate = c.gate
+        c.warm.read()  # what the pool processes hold now (loading, ready, busy), for the GPUs' state
         used = gate.ledger.used(gate.pools())
         with c.lock:
             activity = {uuid: c.activity.of(uuid) for uuid in gate.known}
@@ -75,6 +80,7 @@ class Reporter:
                 "temperature_c": g.temperature_c,
                 "power_w": g.power_w,
                 **activity[g.uuid],
+                **c.warm.gpu_view(g.uuid, bool(activity[g.uuid]["running"])),
             }
             for g in gate.known.values()
         ]

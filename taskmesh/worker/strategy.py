@@ -24,7 +24,7 @@ from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
-from taskmesh.core.headers import GPUS_HEADER
+from taskmesh.core.headers import GPUS_HEADER, WARM_HEADER
 
 #: This worker process's controller and run-once guard (a worker process has one consumer); set by the bootstep.
 current: Any = None
@@ -82,8 +82,8 @@ def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any
         def proceed() -> Any:
             return handler(message, body, ack, reject, callbacks, **kw)
 
-        def give_back() -> None:
-            requeue_at_front(message)
+        def give_back(restore: bool = True) -> None:
+            requeue_at_front(message, restore)
 
         if once and once_guard is not None:
             return once_guard.offer(message, proceed, give_back)
@@ -103,30 +103,32 @@ def admit_when_due(consumer: Any, controller: Any) -> None:
 
     def on_task_request(request: Request) -> None:
         def start() -> None:
-            admitted = request.message.headers.get(GPUS_HEADER)
-            if admitted is not None:  # the request copied the headers on arrival, before admission
-                request.request_dict[GPUS_HEADER] = admitted
+            for header in (GPUS_HEADER, WARM_HEADER):  # the request copied the headers on arrival, before admission
+                if request.message.headers.get(header) is not None:
+                    request.request_dict[header] = request.message.headers[header]
             hand_over(request)
 
-        if not controller.due(request.message, start, lambda: _give_back(request)):
+        if not controller.due(request.message, start, lambda restore=True: _give_back(request, restore)):
             hand_over(request)
 
     consumer.on_task_request = on_task_request
 
 
-def requeue_at_front(message: Any) -> None:
+def requeue_at_front(message: Any, restore: bool = True) -> None:
     """Put a held *message* back where it was taken from, the front of its queue.
 
     ``reject(requeue=True)`` LPUSHes it behind everything waiting; kombu's own restore
     (as at a worker's shutdown) moves it from ``unacked`` to the front in one
-    transaction, and the ack then only clears the channel's record of it.
+    transaction, and the ack then only clears the channel's record of it (all that is
+    left to do when *restore* is false: ``recovery.put_back_line`` put it back).
     """
-    message.channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
+    if restore:
+        message.channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
     message.ack()
 
 
-def _give_back(request: Request) -> None:
+def _give_back(request: Request, restore: bool = True) -> None:
     """Requeue a held request Celery counts as reserved, and forget it as Celery would."""
-    requeue_at_front(request.message)
+    requeue_at_front(request.message, restore)
     request.acknowledged = True
     worker_state.task_ready(request)

@@ -44,6 +44,11 @@ def twenty_gib(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
     return _run(self, seconds, label)
 
 
+@app.task(bind=True, profile="gpu", vram="2GiB", time_limit=120)
+def two_gib(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
+    return _run(self, seconds, label)
+
+
 @app.task(bind=True, profile="gpu", vram="40GiB", time_limit=120)
 def forty_gib(self, seconds: float = 0.5, label: Any = None) -> dict[str, Any]:
     return _run(self, seconds, label)

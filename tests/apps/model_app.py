@@ -1,0 +1,81 @@
+"""Declared models for the warm-model tests: loaders that sleep like a small model loading,
+and tasks that report which loaded object they got. Loads and unloads are recorded in Redis."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from taskmesh import create_app, current_model
+from taskmesh.app.placement import current_placement
+
+app = create_app("tests.apps.model_app")
+LOAD_SLEEP_S = float(os.environ.get("TASKMESH_TEST_LOAD_S") or 1.0)
+EVENTS = "test:model-events"  # "load:<name>:<pid>", "unload:<name>:<pid>"
+
+
+def _note(event: str) -> None:
+    redis.Redis.from_url(app.conf.broker_url).rpush(EVENTS, f"{event}:{os.getpid()}")
+
+
+def _loader(name: str):
+    def load() -> dict[str, Any]:
+        time.sleep(LOAD_SLEEP_S)
+        _note(f"load:{name}")
+        return {"name": name, "pid": os.getpid(), "loaded_at": time.time()}
+
+    load.__name__ = f"load_{name}"
+    return load
+
+
+def _unload(obj: dict[str, Any]) -> None:
+    _note(f"unload:{obj['name']}")
+
+
+cheap = app.model("cheap", vram="16GiB", load_s=1)(_loader("cheap"))
+cheap.unloader(_unload)
+dear = app.model("dear", vram="16GiB", load_s=60, unloader=_unload)(_loader("dear"))
+brain = app.model("brain", vram="16GiB", load_s=1, never_evict=True, unloader=_unload)(_loader("brain"))
+
+
+@app.model("broken", vram="8GiB")
+def broken() -> None:
+    time.sleep(0.2)
+    raise OSError("weights not found at /models/broken")
+
+
+def _report(seconds: float) -> dict[str, Any]:
+    time.sleep(seconds)
+    model = current_model()
+    return {"model": model["name"], "pid": model["pid"], "loaded_at": model["loaded_at"],
+            "gpus": list(current_placement().gpu_uuids)}
+
+
+@app.task(profile="gpu", vram="1GiB", model="cheap", time_limit=120)
+def use_cheap(seconds: float = 0.05) -> dict[str, Any]:
+    return _report(seconds)
+
+
+@app.task(profile="gpu", vram="1GiB", model="dear", time_limit=120)
+def use_dear(seconds: float = 0.05) -> dict[str, Any]:
+    return _report(seconds)
+
+
+@app.task(profile="gpu", vram="1GiB", model="brain", time_limit=120)
+def use_brain(seconds: float = 0.05) -> dict[str, Any]:
+    return _report(seconds)
+
+
+@app.task(profile="gpu", model="broken", time_limit=120)
+def use_broken() -> dict[str, Any]:
+    return _report(0)
+
+
+@app.task(profile="gpu", vram="16GiB", time_limit=120)
+def plain(seconds: float = 0.05) -> dict[str, Any]:
+    """No model: 16 GiB of its own, which an idle warm model may be holding."""
+    time.sleep(seconds)
+    return {"gpus": list(current_placement().gpu_uuids)}
