@@ -19,4 +19,5 @@ SCENARIOS = {
     "packing": "benchmarks.packing",
     "one_gpu": "benchmarks.one_gpu",
     "capacity": "benchmarks.capacity",
+    "batching": "benchmarks.batching",
 }

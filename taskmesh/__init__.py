@@ -1,6 +1,7 @@
 """taskmesh: resource-aware Celery. Declare what a task needs; it lands where it fits."""
 
 from taskmesh.app import TaskmeshCelery, TaskmeshTask, create_app
+from taskmesh.app.batch_jobs import batch_status, cancel_batch, submit_batch
 from taskmesh.app.models import current_model
 from taskmesh.core.errors import (
     ConfigError,
@@ -34,7 +35,10 @@ __all__ = [
     "TaskmeshCelery",
     "TaskmeshError",
     "TaskmeshTask",
+    "batch_status",
+    "cancel_batch",
     "create_app",
     "current_model",
+    "submit_batch",
 ]
 __version__ = "0.1.0"

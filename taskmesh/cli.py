@@ -247,6 +247,7 @@ LAZY_COMMANDS = {
     "top": "taskmesh.observe.top:top",
     "exporter": "taskmesh.observe.exporter:exporter",
     "dlq": "taskmesh.cli_dlq:dlq",
+    "batch": "taskmesh.cli_batch:batch",
     "secrets": "taskmesh.cli_secrets:secrets",
     "bench": "benchmarks.command:bench",
 }

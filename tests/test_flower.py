@@ -72,10 +72,10 @@ def chromium(tmp_path: Path) -> Iterator[Callable[..., BrowserContext]]:
             context.close()
 
 
-def start_flower(processes) -> str:
+def start_flower(processes, app: str = APP) -> str:
     """A real Flower with basic auth on a free loopback port; returns its base URL once it answers."""
     port = free_port()
-    processes.start([sys.executable, "-m", "celery", "-A", APP, "flower", "--address=127.0.0.1",
+    processes.start([sys.executable, "-m", "celery", "-A", app, "flower", "--address=127.0.0.1",
                      f"--port={port}", f"--basic-auth={':'.join(LOGIN)}", "--logging=warning"])
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

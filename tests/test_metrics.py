@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from taskmesh import QueueFull, create_app
 from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
+from taskmesh.observe.batch_metrics import BATCH_METRICS
 from taskmesh.observe.metrics import (
     ALERTS,
     EVENT_FED,
@@ -305,11 +306,12 @@ def test_every_documented_metric_is_in_a_live_scrape_and_nothing_else(gpu_app, b
     broker.lpush(REBALANCE_RUNS, json.dumps({"at": time.time(), "acted": False, "skipped": "idle", "depths": {},
                                              "decisions": [], "hints": {"gpu0": 1}}))
     s = scrape_until(url, lambda s: s.value("taskmesh_task_runtime_seconds_count") == 1, "the task was not timed")
-    documented = sample_names({**METRICS, **EVENT_FED})
+    documented = sample_names({**METRICS, **EVENT_FED, **BATCH_METRICS})
     scraped = {sample.name for sample in s.samples}
     assert scraped <= documented
     models = sample_names({name: METRICS[name] for name in MODEL_SERIES})  # this app declares no model
-    assert documented - scraped == set(TELEMETRY) | models  # simulated GPUs have no utilisation, temperature or power
+    # simulated GPUs have no utilisation, temperature or power; batch series come once a batch ran (test_batching)
+    assert documented - scraped == set(TELEMETRY) | models | sample_names(BATCH_METRICS)
 
 
 def test_dashboard_and_alert_rules_read_only_metrics_the_exporter_exports():

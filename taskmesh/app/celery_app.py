@@ -29,6 +29,7 @@ from celery import Celery
 from celery.utils.imports import gen_task_name
 from kombu import Exchange, Queue
 
+from taskmesh.app.batching import batch_task_options
 from taskmesh.app.beat import schedule_rebalance
 from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.cuda import connect_empty_cache
@@ -37,6 +38,7 @@ from taskmesh.app.models import declare_model
 from taskmesh.app.sending import prepare_send, requirement_by_name
 from taskmesh.app.task import TaskmeshTask, with_taskmesh
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
+from taskmesh.core.batching import BATCH_OPTIONS
 from taskmesh.core.config import Config, load_config, unknown_task_overrides
 from taskmesh.core.errors import ConfigError, RequirementError
 from taskmesh.core.profiles import QUEUES, Priority
@@ -60,11 +62,13 @@ class TaskmeshCelery(Celery):
         if len(args) == 1 and callable(args[0]):
             return self.task(**opts)(args[0])
         resources = {k: opts.pop(k) for k in REQUIREMENT_OPTIONS if k in opts}
+        batching = {k: opts.pop(k) for k in BATCH_OPTIONS if k in opts}
 
         def declare(fun: Any) -> Any:
             name = opts.get("name") or gen_task_name(self, fun.__name__, fun.__module__)
             requirement = self._requirement(name, {**resources, "priority": opts.pop("priority", None)})
-            return super(TaskmeshCelery, self).task(**dict(opts, requirement=requirement))(fun)
+            extra = batch_task_options(name, batching, requirement)
+            return super(TaskmeshCelery, self).task(**dict(opts, requirement=requirement, **extra))(fun)
 
         return declare
 
@@ -78,6 +82,8 @@ class TaskmeshCelery(Celery):
         if "requirement" not in options:  # @shared_task, or Celery's own tasks: not validated by task()
             resources = {k: options.pop(k) for k in REQUIREMENT_OPTIONS if k in options}
             options["requirement"] = self._requirement(name, {**resources, "priority": options.pop("priority", None)})
+            batching = {k: options.pop(k) for k in BATCH_OPTIONS if k in options}
+            options.update(batch_task_options(name, batching, options["requirement"]))
         return super()._task_from_fun(fun, name=name, base=with_taskmesh(base or self.Task), **options)
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:

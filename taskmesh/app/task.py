@@ -14,9 +14,11 @@ from typing import Any
 
 from celery import Task
 
+from taskmesh.app.batching import cached_result, check_batch_call, remember_result
 from taskmesh.app.progress import report_progress
 from taskmesh.app.sending import RETURNED, name_priority
 from taskmesh.app.warm import run_warm
+from taskmesh.core.batching import Batching
 from taskmesh.core.requirements import Requirement
 
 _MIXED: dict[type, type] = {}
@@ -34,8 +36,16 @@ class TaskmeshTask(Task):
     Strategy = "taskmesh.worker.strategy:admission_strategy"
     Request = "taskmesh.worker.strategy:AdmittedRequest"
 
+    batching: Batching | None = None  # batch_size / cache_ttl (``app.batching``)
+
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
         name_priority(options, self.requirement.priority)
+        if self.batching is not None:
+            if self.batching.size is not None:
+                check_batch_call(self, args, kwargs)
+            hit = cached_result(self, args, kwargs, task_id, options)
+            if hit is not None:
+                return hit
         return super().apply_async(args, kwargs, task_id, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -45,10 +55,18 @@ class TaskmeshTask(Task):
         try:
             if request.called_directly:
                 return super().__call__(*args, **kwargs)
-            return run_warm(self, lambda: super(TaskmeshTask, self).__call__(*args, **kwargs))
+            value = run_warm(self, lambda: super(TaskmeshTask, self).__call__(*args, **kwargs))
+            if self.batching is not None:
+                remember_result(self, args, kwargs, value)
+            return value
         finally:
             if not request.called_directly:
                 setattr(request, RETURNED, True)
+
+    def run_items(self, items: list[Any]) -> Any:
+        """One micro-batch (``batch_size``): the function on the list of items, with the task's
+        warm model loaded as for any run (``app.warm``); the worker's ``batch_run`` calls it."""
+        return run_warm(self, lambda: self.run(items))
 
     def progress(self, done: float, total: float) -> None:
         """How far this run is (bound tasks): ``taskmesh top`` shows a bar and an ETA, Flower a PROGRESS state."""

@@ -29,6 +29,7 @@ from taskmesh.core.config import load_config
 from taskmesh.core.models import GPU_STATES
 from taskmesh.core.nodes import group_of, host_of
 from taskmesh.core.records import WorkerRecord
+from taskmesh.observe.batch_metrics import batch_families
 from taskmesh.state.client import broker_client
 from taskmesh.state.keys import ALERTS, COUNTERS
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
@@ -62,6 +63,8 @@ KNOWN_COUNTERS = {
     "duplicates_detected": "Tasks delivered again while the worker presumed dead still ran them (may have run twice)",
     "refused": "Messages a worker refused unrun (a taskmesh header, id or body it cannot read); see dead letters",
     "unreadable": "Items on a worker's queues that were not kombu messages at all, dropped",
+    "cache_hits": "Calls of a cache_ttl task answered from the cache, not sent",
+    "cache_misses": "Calls of a cache_ttl task not in the cache, sent",
 }
 
 # Every family read at scrape time: name → (type, help, label names). ``describe()``
@@ -164,6 +167,7 @@ class TaskmeshCollector:
             *self.worker_families(workers, alive, states),
             *self.gpu_families(workers, states),
             *self.model_families(),
+            *batch_families(self.client),
         ]
 
     def queue_families(self, alive: list[WorkerRecord]) -> list[Metric]:

@@ -36,6 +36,11 @@ MODEL_LOAD_S = "taskmesh:model-load-s"  # model → learned load time (EWMA, sec
 MODEL_LOADS = "taskmesh:model-loads"  # "<model>:count" / "<model>:seconds": loads done and time spent
 EVICTIONS = "taskmesh:evictions"  # list, newest first: each eviction decision and its reason (JSON)
 
+# --- micro-batching, batch jobs and result caching ---
+BATCH_JOB_PREFIX = "taskmesh:batch:"  # + batch id: hash task, total, created, cancelled; + ":ids": its task ids
+BATCH_STATS = "taskmesh:batch-stats"  # "<task>|calls", "|items", "|seconds", "|size_le_<n>": batches run, per task
+CACHE_PREFIX = "taskmesh:cache:"  # + task + ":" + digest of the arguments: the JSON result, with the task's TTL
+
 
 def simulation_key(host: str) -> str:
     """The hash that drives a host's simulated GPUs (``SimulationControl``)."""

@@ -10,6 +10,8 @@ the task consumer; ``gpu_queues`` decides which GPU queues it takes from; ``hear
 renews the worker's ``lease``, announces it, refreshes its reservations and triggers
 ``recovery`` of dead workers' messages; ``control`` holds the remote-control commands;
 ``report`` what ``inspect stats`` and events show; ``warm`` admits tasks for warm
-models and decides evictions. May import ``core``, ``hardware`` and
+models and decides evictions; ``batching`` is the strategy of ``batch_size`` tasks (a
+buffer of requests, flushed into one admitted pool job) and ``batch_run`` runs such a
+job and ends each item's request. May import ``core``, ``hardware`` and
 ``state``.
 """

@@ -31,9 +31,13 @@ current: Any = None
 once_guard: Any = None
 
 
+#: Ids of the micro-batches (``batching``) this worker has in flight: admitted as one task, under an id no request has.
+batches_in_flight: set[str] = set()
+
+
 def live_request_ids() -> set[str]:
-    """Ids of the requests this worker has reserved and not yet finished."""
-    return {request.id for request in worker_state.reserved_requests}
+    """Ids of the requests (and batches) this worker has reserved and not yet finished."""
+    return {request.id for request in worker_state.reserved_requests} | batches_in_flight
 
 
 def is_revoked(task_id: str) -> bool:
