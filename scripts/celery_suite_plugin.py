@@ -167,7 +167,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
     if (
         report.when == "teardown"
-        and report.failed
+        # on an xfail-marked test pytest has already turned the guard's failure into an xfail
+        and (report.failed or hasattr(report, "wasxfail"))
         and item.config.getoption("--queue-guard") == "report"
         and call.excinfo is not None
         and GUARD_MESSAGE in str(call.excinfo.value)
@@ -175,6 +176,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         item.config.stash[_guarded].append((item.nodeid, str(call.excinfo.value).splitlines()[0]))
         report.outcome = "passed"
         report.longrepr = None
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail
     return report
 
 
