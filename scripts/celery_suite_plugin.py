@@ -159,7 +159,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
         testing_app.TestApp = _original_test_app
         _original_test_app = None
-_overrides: dict[str, Any] = {}
 
 
 @pytest.hookimpl(wrapper=True)
