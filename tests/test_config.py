@@ -96,6 +96,14 @@ def test_an_unknown_key_names_the_closest_valid_one(tmp_path):
         load_config(path)
 
 
+def test_an_unknown_key_with_a_line_break_is_named_on_one_line(tmp_path):
+    """Found by the hypothesis test: the key was printed raw, so the one-line error had two."""
+    path = write(tmp_path, 'admission:\n  "\\n": 1\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "admission.'\\n': unknown key" in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -54,7 +55,8 @@ class Lan:
     """Namespace ``r`` holds Redis; each host's namespace has a veth pair to it, and so has
     this test's own namespace, which sends the tasks and reads the ledger."""
 
-    def __init__(self) -> None:
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
         pid = os.getpid()
         self.prefix = f"tm{pid}"
         n = pid % 512
@@ -101,8 +103,18 @@ class Lan:
         argv = ["ip", "netns", "exec", self.ns(host), "unshare", "--uts", "sh", "-c",
                 f'hostname {host} && exec "$0" "$@"', sys.executable, "-m", "taskmesh", "-A", APP, "worker",
                 "--profile", "gpu", "--loglevel", "WARNING"]
-        return self.processes.start(argv, {"TASKMESH_BROKER_URL": self.urls[host],
-                                           "TASKMESH_SIMULATE_GPUS": HOSTS[host], **env})
+        with (self.logs / f"{host}.log").open("ab") as log:
+            return self.processes.start(argv, {"TASKMESH_BROKER_URL": self.urls[host],
+                                               "TASKMESH_SIMULATE_GPUS": HOSTS[host], **env},
+                                        stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_for(self, app, host: str) -> None:
+        """Its GPU worker answers ping (its log in the failure, if it does not)."""
+        try:
+            wait_for_workers(app, [f"gpu0@{host}"], timeout=120)
+        except AssertionError as missing:
+            log = (self.logs / f"{host}.log").read_text()[-3000:]
+            raise AssertionError(f"{missing}; {host}'s log:\n{log}") from None
 
     def remove(self) -> None:
         self.processes.stop_all()
@@ -118,11 +130,11 @@ def _pings(client: redis.Redis) -> bool:
 
 
 @pytest.fixture
-def lan(monkeypatch: pytest.MonkeyPatch) -> Iterator[Lan]:
+def lan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Lan]:
     why = _can_make_namespaces()
     if why:
         pytest.skip(why)
-    made = Lan()
+    made = Lan(tmp_path)
     try:
         made.make()
         monkeypatch.setenv("TASKMESH_BROKER_URL", made.urls["test"])
@@ -148,11 +160,11 @@ def test_hosts_share_one_ledger_route_by_capability_survive_skew_and_recover_a_d
         return [r.decode() for r in client.lrange("test:runs", 0, -1)].count(task_id)
 
     lan.start_host("hosta", TASKMESH_TEST_CLOCK_SKEW_S="-600", **env)  # its clock ten minutes behind
-    wait_for_workers(gpu_app.app, ["gpu0@hosta"])
+    lan.wait_for(gpu_app.app, "hosta")
     skewed = gpu_app.twenty_gib.delay(12.0, label="skewed")  # outlives dead_after_s; fills hosta's one slot
     wait_until(lambda: ledger.used([pools["hosta"]])[pools["hosta"]] == 20 * GIB, timeout=30, what="hosta busy")
     host_b = lan.start_host("hostb", TASKMESH_GPU_SLOTS="2", **env)
-    wait_for_workers(gpu_app.app, ["gpu0@hostb"])
+    lan.wait_for(gpu_app.app, "hostb")
 
     big = gpu_app.forty_gib.delay(2.0, label="big")  # fits only hostb's 80 GiB GPU
     doomed = gpu_app.ten_gib.delay(15.0, label="doomed")  # hostb's second slot: hosta has no free slot

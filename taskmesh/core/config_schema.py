@@ -255,7 +255,8 @@ def check(source: str, data: Any, schema: _Schema, path: str) -> dict[str, Any]:
         raise ConfigError(source, path or None, f"expected a mapping, found {type(data).__name__}")
     out: dict[str, Any] = {}
     for key, value in data.items():
-        dotted = f"{path}.{key}" if path else str(key)
+        shown = str(key) if str(key).isprintable() else repr(str(key))  # the error stays one line
+        dotted = f"{path}.{shown}" if path else shown
         rule = schema.get("*", schema.get(str(key)))
         if rule is None:
             close = difflib.get_close_matches(str(key), list(schema), n=1)
