@@ -3,6 +3,7 @@
 from taskmesh.app import TaskmeshCelery, TaskmeshTask, create_app
 from taskmesh.app.batch_jobs import batch_status, cancel_batch, submit_batch
 from taskmesh.app.models import current_model
+from taskmesh.core.batching import RetryItem
 from taskmesh.core.errors import (
     ConfigError,
     InfeasibleRequirement,
@@ -31,6 +32,7 @@ __all__ = [
     "QueueFull",
     "Requirement",
     "RequirementError",
+    "RetryItem",
     "SimulatedProvider",
     "TaskmeshCelery",
     "TaskmeshError",

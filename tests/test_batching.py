@@ -90,6 +90,19 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
     assert series[("taskmesh_batch_items_per_second", task, "taskmesh_batch_items_per_second")] > 0
 
 
+@pytest.mark.slow
+def test_one_item_retries_alone_and_one_past_max_retries_fails_alone(batch_app, broker, processes):
+    start_gpu_worker(processes, batch_app.app, "flaky")
+    sent = {x: batch_app.flaky.delay(x) for x in (1, 2, 3, 4, 99)}
+    assert sent[2].get(timeout=60) == 20 and sent[4].get(timeout=60) == 40
+    assert sent[1].get(timeout=60) == 10 and sent[3].get(timeout=60) == 30  # each ran again, under its own id
+    with pytest.raises(ValueError, match="item 99 never works"):  # max_retries=2: three runs, then its error
+        sent[99].get(timeout=60)
+    ran = [x for call in calls(broker) for x in call]
+    assert {x: ran.count(x) for x in sent} == {1: 2, 2: 1, 3: 2, 4: 1, 99: 3}
+    assert sent[1].state == "SUCCESS" and sent[99].state == "FAILURE"
+
+
 def revoked_by_workers(app) -> set[str]:
     return {task_id for ids in (app.control.inspect(timeout=2).revoked() or {}).values() for task_id in ids}
 

@@ -106,3 +106,14 @@ def cache_key(task: str, args: Any, kwargs: Any) -> str:
     """A digest of the call: the same task with equal JSON arguments gives the same key."""
     text = json.dumps([task, list(args or ()), dict(kwargs or {})], sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class RetryItem(Exception):  # noqa: N818 - read as "retry this item", not as an error
+    """Return it in place of an item's result to run that item again later, as
+    ``self.retry()`` does for one task: the same id, ``retries`` + 1, after *countdown*
+    seconds, within the task's ``max_retries`` (past it the item fails with *exc*, or
+    with Celery's ``MaxRetriesExceededError``). The other items' results are stored."""
+
+    def __init__(self, exc: BaseException | None = None, countdown: float | None = None) -> None:
+        super().__init__(repr(exc) if exc is not None else "retry this item")
+        self.exc, self.countdown = exc, countdown

@@ -5,13 +5,15 @@ stored under its own task id, then each item's request ended as Celery ends one.
 task's function with the list of items, stores each item's result or exception with the
 result backend's own ``mark_as_done``/``mark_as_failure`` (under the item's task id,
 with its request, so chords and ``result_extended`` work), remembers cacheable results,
-and adds the batch to the per-task statistics. It returns one ``(ok, text)`` per item.
+and adds the batch to the per-task statistics. It returns one ``(state, text)`` per item:
+``ok``, ``failed``, or ``retried`` for an item the function gave back as ``RetryItem``
+(sent again by Celery's own ``Task.retry``, under the item's request).
 
 After a success it sends what Celery's trace sends (``link`` callbacks, the chain's next
 step); after a failure, Celery's ``task_failure`` (dead letters listen).
 
 ``BatchOutcome`` is the parent's side: Celery's own ``Request.on_accepted`` (``task-started``
-events), ``on_success`` and ``on_failure`` per item, so every message is acknowledged only
+events), ``on_success``, ``on_failure`` and ``on_retry`` per item, so every message is acknowledged only
 after its item's result is stored, and a hard time limit or a lost pool process ends each
 item as Celery ends a request that met it. A worker killed before that leaves every
 message unacknowledged.
@@ -29,9 +31,10 @@ from typing import Any
 from celery import current_app, signals, signature
 from celery._state import _task_stack
 from celery.app.task import Context
+from celery.exceptions import Retry
 from celery.utils.saferepr import saferepr
 
-from taskmesh.core.batching import cache_key
+from taskmesh.core.batching import RetryItem, cache_key
 from taskmesh.state.batches import record_batch, remember
 from taskmesh.state.client import broker_client
 
@@ -58,7 +61,7 @@ def _client(app: Any) -> Any:
 
 
 def run_batch(name: str, batch_id: str, items: list[tuple[str, Any, dict[str, Any]]],
-              admitted: dict[str, Any]) -> tuple[list[tuple[bool, str]], float]:
+              admitted: dict[str, Any]) -> tuple[list[tuple[str, str]], float]:
     """In the pool: call *name*'s function on the items; store every item's outcome; (outcomes, seconds)."""
     app = current_app._get_current_object()
     task = app.tasks[name]
@@ -104,9 +107,11 @@ def _call(task: Any, values: list[Any]) -> list[Any]:
     return results
 
 
-def _store(task: Any, task_id: str, request: dict[str, Any], outcome: Any) -> tuple[bool, str]:
+def _store(task: Any, task_id: str, request: dict[str, Any], outcome: Any) -> tuple[str, str]:
     context = Context(request, called_directly=False)
     keep = not (task.ignore_result if request.get("ignore_result") is None else request["ignore_result"])
+    if isinstance(outcome, RetryItem):
+        return _retried(task, task_id, context, outcome, keep)
     if isinstance(outcome, BaseException):
         return _failed(task, task_id, context, outcome, getattr(outcome, "__taskmesh_tb__", None), keep)
     try:
@@ -118,7 +123,21 @@ def _store(task: Any, task_id: str, request: dict[str, Any], outcome: Any) -> tu
     if batching is not None and batching.cache_ttl_s is not None:
         remember(_client(task.app), task.name, cache_key(task.name, request.get("args"), request.get("kwargs")),
                  outcome, batching.cache_ttl_s)
-    return True, saferepr(outcome, task.resultrepr_maxsize)
+    return "ok", saferepr(outcome, task.resultrepr_maxsize)
+
+
+def _retried(task: Any, task_id: str, context: Context, outcome: RetryItem, keep: bool) -> tuple[str, str]:
+    """Send the item again as ``self.retry()`` would from its own run, and store ``RETRY``."""
+    task.request_stack.push(context)
+    try:
+        task.retry(exc=outcome.exc, countdown=outcome.countdown, throw=False)
+    except Exception as exc:  # past max_retries: the item fails with its exception
+        return _failed(task, task_id, context, exc, traceback.format_exc(), keep)
+    finally:
+        task.request_stack.pop()
+    reason = outcome.exc if outcome.exc is not None else outcome
+    task.backend.mark_as_retry(task_id, reason, request=context)
+    return "retried", saferepr(reason)
 
 
 def _follow_on(task: Any, task_id: str, request: dict[str, Any], value: Any) -> None:
@@ -142,7 +161,7 @@ def _failed(task: Any, task_id: str, context: Context, exc: BaseException, tb: s
                                   kwargs=context.kwargs, traceback=tb, einfo=None)
     finally:
         task.request_stack.pop()
-    return False, saferepr(exc)
+    return "failed", saferepr(exc)
 
 
 @dataclasses.dataclass
@@ -156,12 +175,14 @@ class BatchOutcome:
         for request in self.requests:
             request.on_accepted(pid, time_accepted)
 
-    def returned(self, value: tuple[list[tuple[bool, str]], float]) -> None:
+    def returned(self, value: tuple[list[tuple[str, str]], float]) -> None:
         outcomes, seconds = value
         try:
-            for request, (ok, text) in zip(self.requests, outcomes, strict=True):
-                if ok:
+            for request, (state, text) in zip(self.requests, outcomes, strict=True):
+                if state == "ok":
                     request.on_success((False, text, seconds))
+                elif state == "retried":  # Celery's on_failure sees Retry: task-retried, acknowledged
+                    request.on_success((True, ItemFailure(Retry(exc=BatchItemFailed(text))), seconds))
                 else:
                     request.on_success((True, ItemFailure(BatchItemFailed(text)), seconds))
         finally:

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from taskmesh import create_app
+from taskmesh import RetryItem, create_app
 
 app = create_app("tests.apps.batch_app")
 CALLS = "test:batch-calls"  # one JSON list of the items per call
@@ -62,3 +62,20 @@ def too_slow(items: list[int]) -> list[int]:
 def total(items: list[list[int]]) -> list[int]:
     """Each item is a list (a chord's results): its sum."""
     return [sum(item) for item in items]
+
+
+@app.task(profile="gpu", vram="1GiB", batch_size=8, batch_wait="300ms", max_retries=2, time_limit=60)
+def flaky(items: list[int]) -> list[Any]:
+    """Odd items ask to run again once; 99 asks every time, until max_retries fails it."""
+    _record(items)
+    client = redis.Redis.from_url(app.conf.broker_url)
+    out: list[Any] = []
+    for x in items:
+        tries = client.incr(f"test:flaky:{x}")
+        if x == 99:
+            out.append(RetryItem(ValueError("item 99 never works"), countdown=0.2))
+        elif x % 2 and tries == 1:
+            out.append(RetryItem(countdown=0.2))
+        else:
+            out.append(x * 10)
+    return out
