@@ -18,6 +18,7 @@ from celery import chain, chord
 
 from taskmesh import Priority, batch_status, submit_batch
 from taskmesh.observe.metrics import TaskmeshCollector
+from taskmesh.observe.status import collect_status
 from taskmesh.state import dead_letters
 from taskmesh.state.batches import job as job_record
 from taskmesh.state.keys import COUNTERS, INFLIGHT, LEDGER_PREFIX, UNACKED
@@ -25,6 +26,7 @@ from taskmesh.worker.controller import RECONCILE_AFTER_S
 
 from .conftest import ROOT, bind, queue_depth, wait_for_workers
 from .test_flower import LOGIN, start_flower
+from .test_status import frame_text
 
 APP = "tests.apps.batch_app"
 HOST = os.uname().nodename
@@ -88,6 +90,12 @@ def test_items_sent_one_by_one_run_in_batches_with_each_result_in_its_own_async_
         1 for call in made if len(call) <= 16)
     assert series[("taskmesh_batch_items", task, "taskmesh_batch_items_total")] == n + 6
     assert series[("taskmesh_batch_items_per_second", task, "taskmesh_batch_items_per_second")] > 0
+    # the countdown item came due with nothing to join it: its batch waited out batch_wait (2 s) for more
+    assert series[("taskmesh_batch_fill_wait_seconds", task, "taskmesh_batch_fill_wait_seconds_total")] >= 2.0
+    shown = collect_status(batch_app.app)["batches"][batch_app.square.name]  # status --json, and top's lines
+    assert shown["calls"] == len(made) and shown["mean_size"] == round((n + 6) / len(made), 1)
+    assert f"{batch_app.square.name}: {len(made)} calls, {shown['mean_size']} items each" in frame_text(
+        collect_status(batch_app.app))
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from typing import Any
 from taskmesh.app.progress import eta_s
 from taskmesh.core.nodes import group_of, kind_of
 from taskmesh.core.records import WorkerRecord
+from taskmesh.state.batches import batch_stats
 from taskmesh.state.keys import ALERTS, COUNTERS, NEED_QUEUES, PROGRESS, STATES
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
 from taskmesh.state.models import ModelStore
@@ -92,7 +93,22 @@ def collect_status(app: Any, now: float | None = None) -> dict[str, Any]:
         },
         "counters": {**dict.fromkeys(COUNTER_NAMES, 0), **{_text(k): int(v) for k, v in raw_counters.items()}},
         "models": ModelStore(client).summary(),
+        "batches": _batches(batch_stats(client)),
     }
+
+
+def _batches(stats: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per batch task, since its first batch: calls, items, and the means top shows."""
+    out = {}
+    for task, seen in sorted(stats.items()):
+        calls = seen.get("calls", 0)
+        if not calls:
+            continue
+        out[task] = {"calls": int(calls), "items": int(seen.get("items", 0)),
+                     "mean_size": round(seen.get("items", 0) / calls, 1),
+                     "mean_fill_wait_s": round(seen.get("fill_seconds", 0) / calls, 3),
+                     "items_per_s": round(seen["items"] / seen["seconds"], 1) if seen.get("seconds") else None}
+    return out
 
 
 def _latest_per_node(records: Any) -> dict[str, WorkerRecord]:

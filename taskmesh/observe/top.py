@@ -41,8 +41,8 @@ STATE_STYLES = {"idle": "cyan", "busy": "green", "paused": "yellow", "unhealthy"
 def render(status: dict[str, Any]) -> RenderableType:
     """One frame of the dashboard from ``collect_status`` output."""
     return Group(
-        _header(status), _gpus(status), _warm(status), _other_progress(status), _queues(status), _groups(status),
-        _alerts(status), _rebalancer(status),
+        _header(status), _gpus(status), _warm(status), _batches(status), _other_progress(status), _queues(status),
+        _groups(status), _alerts(status), _rebalancer(status),
     )
 
 
@@ -84,6 +84,14 @@ def _warm(status: dict[str, Any]) -> RenderableType:
     lines = [warm_line(g, status["at"]) for g in status["gpus"] if g.get("models") or g.get("model_state") not in
              (None, "idle", "busy")]
     return Text("\n".join(["Warm models"] + lines)) if lines else Group()
+
+
+def _batches(status: dict[str, Any]) -> RenderableType:
+    """Micro-batches per task: how full they run, how long the first item waits for the rest."""
+    lines = [f"{task}: {seen['calls']} calls, {seen['mean_size']} items each, fill wait "
+             f"{seen['mean_fill_wait_s'] * 1000:.0f} ms, {seen['items_per_s'] or '-'} items/s"
+             for task, seen in (status.get("batches") or {}).items()]
+    return Text("\n".join(["Batches"] + lines)) if lines else Group()
 
 
 def _task_cells(task: dict[str, Any]) -> list[RenderableType]:

@@ -79,18 +79,20 @@ def size_bucket(size: int) -> str:
     return next((str(b) for b in SIZE_BUCKETS if size <= b), "inf")
 
 
-def record_batch(client: redis.Redis, task: str, size: int, seconds: float) -> None:
-    """One batch of *size* items of *task* ran for *seconds*."""
+def record_batch(client: redis.Redis, task: str, size: int, seconds: float, fill_s: float = 0.0) -> None:
+    """One batch of *size* items of *task* ran for *seconds*, after its first item had waited
+    *fill_s* in the worker for the rest to arrive."""
     with client.pipeline(transaction=False) as pipe:
         pipe.hincrby(BATCH_STATS, f"{task}|calls", 1)
         pipe.hincrby(BATCH_STATS, f"{task}|items", size)
         pipe.hincrbyfloat(BATCH_STATS, f"{task}|seconds", seconds)
+        pipe.hincrbyfloat(BATCH_STATS, f"{task}|fill_seconds", fill_s)
         pipe.hincrby(BATCH_STATS, f"{task}|size_le_{size_bucket(size)}", 1)
         pipe.execute()
 
 
 def batch_stats(client: redis.Redis) -> dict[str, dict[str, float]]:
-    """Task → {"calls", "items", "seconds", "size_le_<n>"...}."""
+    """Task → {"calls", "items", "seconds", "fill_seconds", "size_le_<n>"...}."""
     out: dict[str, dict[str, float]] = {}
     for field, value in client.hgetall(BATCH_STATS).items():
         task, _, name = field.decode().rpartition("|")

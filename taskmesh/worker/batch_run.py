@@ -61,7 +61,7 @@ def _client(app: Any) -> Any:
 
 
 def run_batch(name: str, batch_id: str, items: list[tuple[str, Any, dict[str, Any]]],
-              admitted: dict[str, Any]) -> tuple[list[tuple[str, str]], float]:
+              admitted: dict[str, Any], fill_s: float = 0.0) -> tuple[list[tuple[str, str]], float]:
     """In the pool: call *name*'s function on the items; store every item's outcome; (outcomes, seconds)."""
     app = current_app._get_current_object()
     task = app.tasks[name]
@@ -86,7 +86,7 @@ def run_batch(name: str, batch_id: str, items: list[tuple[str, Any, dict[str, An
     signals.task_postrun.send(sender=task, task_id=batch_id, task=task, args=(values,), kwargs={},
                               retval=None, state="SUCCESS")
     try:
-        record_batch(_client(app), name, len(items), seconds)
+        record_batch(_client(app), name, len(items), seconds, fill_s)
     except Exception:  # statistics must not fail the items whose results are stored
         pass
     return stored, seconds

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import signals
@@ -80,6 +81,7 @@ class Batcher:
                                       consumer.event_dispatcher, app=app)
         self.revoked = consumer.controller.state.revoked
         self.buffer: list[Any] = []
+        self.arrived: dict[str, float] = {}  # task id → when it joined the buffer (the fill wait)
         self.scheduled = 0  # items with an ETA not yet due
         self.batches: dict[str, int] = {}  # in flight (held for admission or on the pool): id → items
         self.lifted = 0  # what this batcher added to the consumer's prefetch
@@ -143,6 +145,7 @@ class Batcher:
     def _add(self, req: Any) -> None:
         worker_state.task_reserved(req)
         self.buffer.append(req)
+        self.arrived[req.id] = time.monotonic()
         priority = req.delivery_info.get("priority")
         if len(self.buffer) >= self.size or (priority is not None and priority <= Priority.CRITICAL):
             self.flush()
@@ -170,6 +173,7 @@ class Batcher:
             self.timer = None
         if self.consumer.qos is not self.qos:  # reconnected: kombu put these messages back
             self.buffer.clear()
+            self.arrived.clear()
             return
         pool = self.consumer.pool
         if len(self.batches) >= (getattr(pool, "num_processes", None) or pool.limit or 1):
@@ -177,7 +181,8 @@ class Batcher:
             self._settle()
             return
         self.flush_wanted = False
-        live = []
+        live, now = [], time.monotonic()
+        fill_s = now - min((self.arrived.pop(r.id, now) for r in self.buffer[:self.size]), default=now)
         for req in self.buffer[:self.size]:
             if req.revoked():
                 continue
@@ -193,7 +198,7 @@ class Batcher:
             if count is None:
                 self._reroute(controller, live)
                 break
-            self._offer(controller, live[:count])
+            self._offer(controller, live[:count], fill_s)
             live = live[count:]
         self._settle()
         if self.buffer and self.timer is None:
@@ -226,7 +231,7 @@ class Batcher:
             req.acknowledged = True
             worker_state.task_ready(req)
 
-    def _offer(self, controller: Any, requests: list[Any]) -> None:
+    def _offer(self, controller: Any, requests: list[Any], fill_s: float) -> None:
         batch_id = f"batch-{uuid()}"
         with self.lock:
             self.batches[batch_id] = len(requests)
@@ -239,12 +244,13 @@ class Batcher:
                      REQUIREMENT_HEADER: requirement.to_header()},
             delivery_tag=str(first.delivery_tag), delivery_info=first.delivery_info or {})
         if controller is None:
-            self._dispatch(controller, batch_id, requests, envelope)
+            self._dispatch(controller, batch_id, requests, envelope, fill_s)
             return
-        controller.offer(envelope, lambda: self._dispatch(controller, batch_id, requests, envelope),
+        controller.offer(envelope, lambda: self._dispatch(controller, batch_id, requests, envelope, fill_s),
                          lambda: self._give_back(controller, batch_id, requests))
 
-    def _dispatch(self, controller: Any, batch_id: str, requests: list[Any], envelope: BatchEnvelope) -> None:
+    def _dispatch(self, controller: Any, batch_id: str, requests: list[Any], envelope: BatchEnvelope,
+                  fill_s: float) -> None:
         """Admitted: one pool job for the batch."""
         def ended() -> None:
             if controller is not None:
@@ -256,7 +262,8 @@ class Batcher:
         items = [(r.id, r.args[0], {**r.request_dict, **(r._payload[2] or {})}) for r in requests]
         self.consumer.pool.apply_async(
             run_batch, args=(self.task.name, batch_id, items,
-                             {h: envelope.headers[h] for h in (GPUS_HEADER, WARM_HEADER) if h in envelope.headers}),
+                             {h: envelope.headers[h] for h in (GPUS_HEADER, WARM_HEADER) if h in envelope.headers},
+                             fill_s),
             accept_callback=outcome.accepted, callback=outcome.returned, error_callback=outcome.failed,
             soft_timeout=self.task.soft_time_limit, timeout=self.task.time_limit, correlation_id=batch_id)
 
