@@ -189,6 +189,8 @@ def test_a_batch_job_reports_progress_and_eta_and_cancel_revokes_what_has_not_st
     status = batch_status(batch_app.app, job)
     assert status["progress"] == 0.5 and status["running_or_waiting"] == 8 and status["eta_s"] > 0
     assert "8/16 ended (50%)" in batch_cli("status", job)
+    assert f"job {job[:8]} {batch_app.gated.name}: 8/16 ended (50%), 0 failed" in frame_text(
+        collect_status(batch_app.app))  # taskmesh top shows the newest jobs
     broker.set(f"{batch_app.GATE}:1", 1)
     wait_until(lambda: batch_status(batch_app.app, job)["done"] == 16, "every item done")
     assert batch_status(batch_app.app, job)["progress"] == 1.0

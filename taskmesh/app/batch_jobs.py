@@ -19,7 +19,7 @@ from typing import Any
 from celery.utils import uuid
 
 from taskmesh.core.errors import TaskmeshError
-from taskmesh.state.batches import create_job, job, job_progress, mark_cancelled, result_states
+from taskmesh.state.batches import create_job, job, job_progress, mark_cancelled, newest_jobs, result_states
 
 NOT_STARTED = ("PENDING", "RECEIVED", "RETRY")
 
@@ -63,6 +63,17 @@ def batch_status(app: Any, batch_id: str) -> dict[str, Any]:
     """total, done, failed, revoked, progress (0..1), elapsed_s and eta_s (``None`` until one item ended)."""
     record, _, states = _job(app, batch_id)
     return {"id": batch_id, **job_progress(record, states)}
+
+
+def recent_batches(app: Any, count: int = 3) -> list[dict[str, Any]]:
+    """``batch_status`` of the *count* jobs submitted last (for ``status`` and ``top``)."""
+    shown = []
+    for batch_id in newest_jobs(app.redis(), count):
+        try:
+            shown.append(batch_status(app, batch_id))
+        except UnknownBatch:  # expired with its results
+            continue
+    return shown
 
 
 def cancel_batch(app: Any, batch_id: str) -> int:

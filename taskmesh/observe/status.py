@@ -18,6 +18,7 @@ import json
 import time
 from typing import Any
 
+from taskmesh.app.batch_jobs import recent_batches
 from taskmesh.app.progress import eta_s
 from taskmesh.core.nodes import group_of, kind_of
 from taskmesh.core.records import WorkerRecord
@@ -94,6 +95,7 @@ def collect_status(app: Any, now: float | None = None) -> dict[str, Any]:
         "counters": {**dict.fromkeys(COUNTER_NAMES, 0), **{_text(k): int(v) for k, v in raw_counters.items()}},
         "models": ModelStore(client).summary(),
         "batches": _batches(batch_stats(client)),
+        "batch_jobs": recent_batches(app),
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from taskmesh.state.keys import BATCH_JOB_PREFIX, BATCH_STATS, CACHE_PREFIX, COUNTERS
+from taskmesh.state.keys import BATCH_JOB_PREFIX, BATCH_JOBS, BATCH_STATS, CACHE_PREFIX, COUNTERS
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the batch size histogram's upper bounds; then +Inf
 CHUNK = 1000
@@ -32,7 +32,14 @@ def create_job(client: redis.Redis, batch_id: str, task: str, task_ids: list[str
             pipe.rpush(key + ":ids", *task_ids)
         pipe.expire(key, ttl_s)
         pipe.expire(key + ":ids", ttl_s)
+        pipe.zadd(BATCH_JOBS, {batch_id: time.time()})
+        pipe.zremrangebyscore(BATCH_JOBS, "-inf", time.time() - ttl_s)  # their records are gone too
         pipe.execute()
+
+
+def newest_jobs(client: redis.Redis, count: int) -> list[str]:
+    """The ids of the *count* batch jobs submitted last, newest first."""
+    return [raw.decode() for raw in client.zrevrange(BATCH_JOBS, 0, count - 1)]
 
 
 def job(client: redis.Redis, batch_id: str) -> tuple[dict[str, str], list[str]] | None:

@@ -38,6 +38,7 @@ EVICTIONS = "taskmesh:evictions"  # list, newest first: each eviction decision a
 
 # --- micro-batching, batch jobs and result caching ---
 BATCH_JOB_PREFIX = "taskmesh:batch:"  # + batch id: hash task, total, created, cancelled; + ":ids": its task ids
+BATCH_JOBS = "taskmesh:batch-jobs"  # zset: batch id → when it was submitted (the newest are shown by top)
 BATCH_STATS = "taskmesh:batch-stats"  # "<task>|calls", "|items", "|seconds", "|size_le_<n>": batches run, per task
 CACHE_PREFIX = "taskmesh:cache:"  # + task + ":" + digest of the arguments: the JSON result, with the task's TTL
 
