@@ -84,6 +84,15 @@ class Registry:
         flat = [item.decode() for item in given_back]
         return Renewal(float(age) if age else None, dict(zip(flat[::2], flat[1::2], strict=True)))
 
+    def holding(self, key: str, tag: str) -> None:
+        """Add one delivery tag to what worker *key* holds, as the message arrives: the next
+        announcement can be a second away, and a worker killed meanwhile would leave the message
+        to Redis's visibility timeout (an hour or more). Best effort: the announcement follows."""
+        try:
+            self.client.sadd(INFLIGHT + key, tag)
+        except redis.RedisError:
+            pass
+
     def stopped(self, record: WorkerRecord) -> None:
         """A clean stop: Celery restores what the worker held, nothing to reclaim."""
         record = dataclasses.replace(record, last_seen=time.time(), stopped=True)
