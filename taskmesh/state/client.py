@@ -13,6 +13,8 @@ from typing import Any
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
+from taskmesh.core.errors import ConfigError
+
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -27,13 +29,16 @@ def broker_redis_url(app: Any) -> str:
 
 
 def broker_client(app: Any) -> redis.Redis:
-    """A new client on *app*'s Redis broker; raises ``ValueError`` naming the fix otherwise."""
+    """A new client on *app*'s Redis broker; raises ``ConfigError`` (a ``ValueError``) naming
+    the fix otherwise: the command line prints it as one line, a typo such as ``redsi://``
+    included, rather than a traceback."""
     url = broker_redis_url(app)
     if not url:
         given = maybe_sanitize_url(str(app.conf.broker_url or "")) or "none"
-        raise ValueError(
-            f"taskmesh needs a Redis broker (redis://, rediss://, unix://); app {app.main!r} has "
-            f"{given!r}: set broker_url"
+        raise ConfigError(
+            f"app {app.main!r}", "broker_url",
+            f"{given!r} is not a Redis URL; taskmesh needs a Redis broker (redis://, rediss://, unix://)",
+            "set TASKMESH_BROKER_URL or broker_url, e.g. redis://127.0.0.1:6379/0",
         )
     # Bounded as kombu bounds its own connects: without it a broker host that drops
     # packets holds a producer's submit for the kernel's SYN retries (minutes).

@@ -103,3 +103,10 @@ def always_raises(self) -> None:
 
 #: The eight tasks of the kill scenario: every profile, with and without once=True.
 MIXTURE = [gpu_job, gpu_once, cpu_job, cpu_once, io_job, io_once, mixed_job, mixed_once]
+
+
+@app.task(bind=True, profile="cpu_intensive", time_limit=60)
+def measure(self, value: Any) -> int:
+    """How many characters *value* takes as JSON: the bad-input tests send odd arguments."""
+    _record(self, STARTS)
+    return len(json.dumps(value))

@@ -32,6 +32,19 @@ QUEUES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 FAST_FENCING = {"TASKMESH_RESERVATION_TTL_S": "6", "TASKMESH_DEAD_AFTER_S": "8"}
 
 
+def _unpooled(module: Any) -> Any:
+    """Drop the connections *module*'s app keeps (broker pool, producers, result backend): a
+    scenario's Redis is not the last one's, and a pooled connection would reach the old one."""
+    app = module.app
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
+    return module
+
+
 class Rig:
     """One scenario's Redis URL, its worker processes (logs in *logdir*) and the chaos app bound to it."""
 
@@ -39,7 +52,7 @@ class Rig:
         self.url, self.logdir = url, logdir
         self.client = redis.Redis.from_url(url)
         self.client.flushdb()
-        self.app = bind(chaos_app, url)
+        self.app = bind(_unpooled(chaos_app), url)
         self.procs = Processes(logdir, {"TASKMESH_BROKER_URL": url})
 
     def __enter__(self) -> Rig:

@@ -23,10 +23,42 @@ def rig(broker_url, tmp_path):
 @pytest.mark.slow
 def test_random_sigkills_of_workers_and_pool_children_lose_nothing_and_run_no_once_task_twice(rig):
     figures = scenarios.kills(rig, tasks=120, kills=2, seed=11)
-    print(figures)
     assert figures["lost"] == 0 and figures["duplicates_once"] == 0
     assert figures["tasks_hit"] >= 2  # each kill hit a running task
     assert figures["ledger_reserved_mib"] == figures["running_vram_mib"] == 0
+
+
+@pytest.mark.slow
+def test_two_redis_restarts_lose_no_task_whose_send_returned(tmp_path):
+    figures = scenarios.redis_restarts(tmp_path / "redis", tmp_path / "logs", tasks=40, restarts=2)
+    # each send returned or raised kombu's OperationalError (any other error would end the producer early)
+    assert figures["sent"] + figures["send_refused"] == figures["attempted"]
+    assert figures["lost"] == 0 and figures["duplicates_once"] == 0
+    assert figures["ledger_reserved_mib"] == 0
+
+
+@pytest.mark.slow
+def test_connection_drops_while_tasks_are_held_run_each_once(rig):
+    figures = scenarios.connection_drops(rig, tasks=4, drops=2)
+    assert figures["lost"] == 0 and figures["duplicates"] == 0
+    assert figures["ledger_reserved_mib"] == figures["running_vram_mib"] == 0
+
+
+@pytest.mark.slow
+def test_a_task_running_past_kombus_visibility_timeout_is_not_delivered_again(rig):
+    figures = scenarios.long_task(rig, seconds=4.0)
+    assert figures["visibility_timeout_s"] == 2 * 7200 + 300
+    assert figures["duplicates"] == 0 and figures["lost"] == 0
+    assert figures["control_past_timeout_duplicates"] == 1  # one past even that is: the check can see it
+
+
+@pytest.mark.slow
+def test_poison_tasks_are_bounded_then_dead_lettered_and_counted_and_neighbours_run(rig):
+    figures = scenarios.poison(rig, each=1, neighbours=6)
+    assert figures["runs_per_killer"] == [3] and figures["runs_per_raiser"] == [1]  # max_retries=2, no retry
+    assert figures["dead_lettered_listed"] == figures["dead_lettered_metric"] == 2
+    assert figures["neighbours"]["lost"] == 0 and figures["neighbours"]["duplicates"] == 0
+    assert figures["ledger_reserved_mib"] == 0
 
 
 @pytest.mark.slow
