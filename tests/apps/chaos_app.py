@@ -27,7 +27,15 @@ def _record(task: Any, key: str) -> None:
     request = task.request
     entry = {"id": request.id, "name": task.name.rsplit(".", 1)[-1], "node": request.hostname,
              "pid": os.getpid(), "retries": request.retries, "t": time.time()}
-    redis.Redis.from_url(app.conf.broker_url).rpush(key, json.dumps(entry))
+    deadline = time.monotonic() + 60
+    while True:  # the record must not be what fails while Redis restarts
+        try:
+            redis.Redis.from_url(app.conf.broker_url).rpush(key, json.dumps(entry))
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _work(task: Any, seconds: float) -> str:

@@ -36,9 +36,7 @@ def _unpooled(module: Any) -> Any:
     """Drop the connections *module*'s app keeps (broker pool, producers, result backend): a
     scenario's Redis is not the last one's, and a pooled connection would reach the old one."""
     app = module.app
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    app._pool = None  # kombu keeps one pool per URL; the next use takes the one for the new URL
     app.amqp._producer_pool = None
     app._backend_cache = None
     app._local.__dict__.pop("backend", None)

@@ -81,11 +81,14 @@ def kills(rig: Rig, tasks: int, kills: int, seed: int = 1, seconds: tuple[float,
 
 def redis_restarts(directory, logdir, tasks: int, restarts: int, down_s: float = 2.0) -> dict[str, Any]:
     """(b) A producer sends *tasks* while the Redis (append-only file, as ``taskmesh up``
-    runs it) is SIGKILLed and started again *restarts* times."""
+    runs it) is SIGKILLed and started again *restarts* times. A worker that kombu's channel
+    close ends as Redis goes ("Unrecoverable error" in ``restore_unacked``, plain kombu) is
+    restarted by ``taskmesh worker``; what it ran comes back after ``dead_after_s``."""
     server = AofRedis(directory)
     try:
         with Rig(server.url, logdir) as rig:
-            rig.taskmesh_worker("gpu", "gpu", nodes=1, TASKMESH_SIMULATE_GPUS="1x24GiB", TASKMESH_GPU_SLOTS="2")
+            rig.taskmesh_worker("gpu", "gpu", nodes=1, TASKMESH_SIMULATE_GPUS="1x24GiB", TASKMESH_GPU_SLOTS="2",
+                                **FAST_FENCING)
             sent, refused, slowest = [], [], [0.0]
             done = threading.Event()
 
@@ -108,10 +111,13 @@ def redis_restarts(directory, logdir, tasks: int, restarts: int, down_s: float =
                 wait_until(lambda share=share: len(sent) >= share or done.is_set(), "the producer sent its share", 120)
                 server.restart(down_s)
             producer.join(300)
-            _settle(rig, sent, timeout=300)
+            ran = lambda: {e["id"] for e in rig.records(chaos_app.ENDS)} >= set(sent)  # noqa: E731
+            wait_until(lambda: ran() and not rig.running(), "every task whose send returned ran", 180)
+            time.sleep(float(FAST_FENCING["TASKMESH_DEAD_AFTER_S"]) + 4)  # a dead incarnation's messages are back
             return {**count_runs(rig, sent, ["gpu_once"]), "attempted": tasks, "restarts": restarts,
                     "down_s": down_s, "send_refused": len(refused), "refusals": sorted(set(refused))[:3],
-                    "slowest_send_s": round(slowest[0], 1), **_ledger(rig)}
+                    "slowest_send_s": round(slowest[0], 1), "unacked_left": rig.client.hlen(UNACKED),
+                    **_ledger(rig)}
     finally:
         server.stop()
 
@@ -173,8 +179,9 @@ def stalls(rig: Rig, rounds: int, dead_after_s: float, stall_s: float) -> dict[s
 def long_task(rig: Rig, seconds: float = 6.0) -> dict[str, Any]:
     """(e) Two tasks with ``time_limit=7200`` run; their deliveries are backdated in kombu's
     ``unacked_index`` as if they had run for longer than kombu's default visibility timeout
-    (3,600 s), one of them also past taskmesh's derived one (2 x 7200 + 300 s); a worker
-    started then scans for expired deliveries (kombu does on start) and puts back what expired."""
+    (3,600 s), one of them also past taskmesh's derived one (2 x 7200 + 300 s); then kombu's
+    scan for expired deliveries (``QoS.restore_visible``, which a worker runs at start and every
+    100 s) runs, with the visibility timeout the app derived, and puts back what expired."""
     rig.celery_worker("long", "cpu_intensive", "-c", "2")
     rig.app.app.finalize()  # derives the visibility timeout from the tasks' time limits, as in the worker
     timeout = rig.app.app.conf.broker_transport_options["visibility_timeout"]
@@ -183,7 +190,8 @@ def long_task(rig: Rig, seconds: float = 6.0) -> dict[str, Any]:
     tags = {json.loads(raw)[0]["headers"]["id"]: tag for tag, raw in rig.client.hgetall(UNACKED).items()}
     now = time.time()
     rig.client.zadd("unacked_index", {tags[sent[0]]: now - 3600 - 60, tags[sent[1]]: now - timeout - 60})
-    rig.celery_worker("restorer", "cpu_intensive", "-c", "1")
+    with rig.app.app.connection_for_write() as conn:  # kombu's own expiry scan, as a worker runs it
+        conn.default_channel.qos.restore_visible(num=10, interval=1)
     _settle(rig, sent, timeout=120)
     under = count_runs(rig, sent[:1])
     past = count_runs(rig, sent[1:])

@@ -1,5 +1,6 @@
 """The chaos scenarios at CI size (``scripts/chaos`` runs them at full size and writes
-RELIABILITY.md): nothing lost, no once=True task run twice, the GPU ledger back to what runs."""
+RELIABILITY.md): nothing lost, no once=True task run twice, the GPU ledger back to what runs.
+The stall scenario (d) runs in CI as tests/test_fencing.py's two single cases."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from tests.apps import chaos_app
 from tests.chaos import scenarios
 from tests.chaos.rig import FAST_FENCING, Rig
+from tests.chaos.run import SIZES
+from tests.conftest import ROOT
 from tests.test_reconnect import wait_until
 
 
@@ -22,7 +25,7 @@ def rig(broker_url, tmp_path):
 
 @pytest.mark.slow
 def test_random_sigkills_of_workers_and_pool_children_lose_nothing_and_run_no_once_task_twice(rig):
-    figures = scenarios.kills(rig, tasks=120, kills=2, seed=11)
+    figures = scenarios.kills(rig, **SIZES["kills"]["ci"])
     assert figures["lost"] == 0 and figures["duplicates_once"] == 0
     assert figures["tasks_hit"] >= 2  # each kill hit a running task
     assert figures["ledger_reserved_mib"] == figures["running_vram_mib"] == 0
@@ -30,7 +33,7 @@ def test_random_sigkills_of_workers_and_pool_children_lose_nothing_and_run_no_on
 
 @pytest.mark.slow
 def test_two_redis_restarts_lose_no_task_whose_send_returned(tmp_path):
-    figures = scenarios.redis_restarts(tmp_path / "redis", tmp_path / "logs", tasks=40, restarts=2)
+    figures = scenarios.redis_restarts(tmp_path / "redis", tmp_path / "logs", **SIZES["redis_restarts"]["ci"])
     # each send returned or raised kombu's OperationalError (any other error would end the producer early)
     assert figures["sent"] + figures["send_refused"] == figures["attempted"]
     assert figures["lost"] == 0 and figures["duplicates_once"] == 0
@@ -39,14 +42,14 @@ def test_two_redis_restarts_lose_no_task_whose_send_returned(tmp_path):
 
 @pytest.mark.slow
 def test_connection_drops_while_tasks_are_held_run_each_once(rig):
-    figures = scenarios.connection_drops(rig, tasks=4, drops=2)
+    figures = scenarios.connection_drops(rig, **SIZES["connection_drops"]["ci"])
     assert figures["lost"] == 0 and figures["duplicates"] == 0
     assert figures["ledger_reserved_mib"] == figures["running_vram_mib"] == 0
 
 
 @pytest.mark.slow
 def test_a_task_running_past_kombus_visibility_timeout_is_not_delivered_again(rig):
-    figures = scenarios.long_task(rig, seconds=4.0)
+    figures = scenarios.long_task(rig, **SIZES["long_task"]["ci"])
     assert figures["visibility_timeout_s"] == 2 * 7200 + 300
     assert figures["duplicates"] == 0 and figures["lost"] == 0
     assert figures["control_past_timeout_duplicates"] == 1  # one past even that is: the check can see it
@@ -54,7 +57,7 @@ def test_a_task_running_past_kombus_visibility_timeout_is_not_delivered_again(ri
 
 @pytest.mark.slow
 def test_poison_tasks_are_bounded_then_dead_lettered_and_counted_and_neighbours_run(rig):
-    figures = scenarios.poison(rig, each=1, neighbours=6)
+    figures = scenarios.poison(rig, **SIZES["poison"]["ci"])
     assert figures["runs_per_killer"] == [3] and figures["runs_per_raiser"] == [1]  # max_retries=2, no retry
     assert figures["dead_lettered_listed"] == figures["dead_lettered_metric"] == 2
     assert figures["neighbours"]["lost"] == 0 and figures["neighbours"]["duplicates"] == 0
@@ -75,3 +78,15 @@ def test_a_worker_killed_within_a_second_of_taking_a_message_hands_it_back(rig):
     rig.celery_worker("survivor", "cpu_intensive", "-c", "1", **FAST_FENCING)
     assert first.get(timeout=10) == first.id
     assert second.get(timeout=90) == second.id  # delivered again by the survivor, not after an hour
+
+
+def test_every_bad_input_case_in_reliability_md_names_a_test_that_exists():
+    from tests.chaos.report import CAMPAIGN
+
+    assert len(CAMPAIGN) >= 30
+    for _, test_id in CAMPAIGN:
+        path, _, name = test_id.partition("::")
+        function, _, case = name.partition("[")
+        text = (ROOT / path).read_text()
+        assert f"def {function}(" in text, test_id
+        assert not case or f'"{case[:-1]}"' in text, test_id
