@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ from benchmarks.harness import LocalRedis, machine
 from tests.chaos import scenarios
 from tests.chaos.report import render
 from tests.chaos.rig import Rig
+from tests.conftest import ROOT
 
 #: Scenario → size → parameters. ``ci`` is what tests/chaos/test_chaos.py runs.
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
@@ -37,6 +39,14 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "poison": {"full": {"each": 5, "neighbours": 50}, "medium": {"each": 3, "neighbours": 20},
                "ci": {"each": 1, "neighbours": 6}},
 }
+
+
+def _commit() -> str:
+    """The commit of this checkout, marked ``+changes`` when the tree differs from it."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return (head or "?") + ("+changes" if dirty.stdout.strip() else "")
 
 
 def run_one(name: str, params: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -65,7 +75,7 @@ def chaos(size: str, only: str | None, out: Path, report: Path, render_only: boo
     """Run the chaos scenarios, write their figures to --out and RELIABILITY.md."""
     if not render_only:
         names = [n for n in SIZES if SIZES[n][size] is not None and (not only or n in only.split(","))]
-        host = machine()
+        host = dataclasses.replace(machine(), commit=_commit())
         click.echo(f"machine: {host.line()}")
         results: dict[str, Any] = {
             "command": "scripts/chaos " + shlex.join(sys.argv[1:]), "size": size,

@@ -9,6 +9,9 @@ import signal
 
 import pytest
 
+from taskmesh.core.records import WorkerRecord
+from taskmesh.state.keys import INFLIGHT
+from taskmesh.state.registry import Registry
 from tests.apps import chaos_app
 from tests.chaos import scenarios
 from tests.chaos.rig import FAST_FENCING, Rig
@@ -90,3 +93,24 @@ def test_every_bad_input_case_in_reliability_md_names_a_test_that_exists():
         text = (ROOT / path).read_text()
         assert f"def {function}(" in text, test_id
         assert not case or f'"{case[:-1]}"' in text, test_id
+
+
+def test_a_tag_added_while_the_heartbeat_announces_stays_in_the_in_flight_set(broker):
+    """Found by the kill scenario at full size (2 of 2,000 tasks never ran): the heartbeat read
+    what the worker held, a message arrived and its tag was added, then the announcement
+    replaced the set with what it had read; a kill before the next beat left that message to
+    the visibility timeout. Replacing the set (no ``gone``, as before) shows the loss."""
+    registry = Registry(broker)
+    record = WorkerRecord("w@host", "1", "host", ("gpu",), (), 8, 1024)
+    key = f"{INFLIGHT}{record.key}"
+    registry.holding(record.key, "t1")
+    added, snapshot = registry.take_added(), ["t1"]  # the heartbeat reads what the worker holds
+    registry.holding(record.key, "t2")  # a message arrives meanwhile
+    registry.announce(record, snapshot, gone=added - set(snapshot))
+    assert broker.smembers(key) == {b"t1", b"t2"}
+    added = registry.take_added()
+    registry.announce(record, [], gone={"t1"} | added)  # both ended before the next beat
+    assert broker.smembers(key) == set()
+    registry.holding(record.key, "t3")
+    registry.announce(record, snapshot)  # the old way: the set replaced by the snapshot
+    assert broker.smembers(key) == {b"t1"}  # t3 wiped: its message would wait for the visibility timeout
