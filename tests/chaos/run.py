@@ -4,6 +4,7 @@ a Redis of its own, the figures written to a JSON file and rendered into RELIABI
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import shlex
 import subprocess
@@ -61,7 +62,9 @@ def run_one(name: str, params: dict[str, Any], workdir: Path) -> dict[str, Any]:
         status = "ok"
     except Exception as exc:  # one broken scenario must not hide the others' figures
         figures, status = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, "failed"
-    return {"status": status, "params": params, "figures": figures, "seconds": round(time.monotonic() - started)}
+    return {"status": status, "params": params, "figures": figures, "seconds": round(time.monotonic() - started),
+            "commit": _commit(), "command": "scripts/chaos " + shlex.join(sys.argv[1:]),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 @click.command()
@@ -81,6 +84,11 @@ def chaos(size: str, only: str | None, out: Path, report: Path, render_only: boo
             "command": "scripts/chaos " + shlex.join(sys.argv[1:]), "size": size,
             "machine": dataclasses.asdict(host), "machine_line": host.line(), "scenarios": {},
         }
+        if only and out.exists():  # a rerun of some scenarios keeps the others' figures
+            kept = json.loads(out.read_text())
+            results["scenarios"] = {**kept["scenarios"]}
+            results.update(command=kept["command"], size=kept["size"], machine=kept["machine"],
+                           machine_line=kept["machine_line"])
         for name in names:
             click.echo(f"== {name} {json.dumps(SIZES[name][size])}", err=True)
             with tempfile.TemporaryDirectory(prefix=f"chaos-{name}-") as workdir:

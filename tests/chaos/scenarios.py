@@ -55,6 +55,8 @@ def kills(rig: Rig, tasks: int, kills: int, seed: int = 1, seconds: tuple[float,
                                      TASKMESH_GPU_SLOTS="2", **FAST_FENCING)
     sent = [chaos_app.MIXTURE[i % len(chaos_app.MIXTURE)].apply_async((rng.uniform(*seconds),)).id
             for i in range(tasks)]
+    names = {task_id: chaos_app.MIXTURE[i % len(chaos_app.MIXTURE)].name.rsplit(".", 1)[-1]
+             for i, task_id in enumerate(sent)}
     faults: list[dict[str, Any]] = []
     for _ in range(kills):
         time.sleep(rng.uniform(0.5, 2.0))
@@ -67,16 +69,24 @@ def kills(rig: Rig, tasks: int, kills: int, seed: int = 1, seconds: tuple[float,
         hit = [r["id"] for r in rig.running() if r["pid"] in pids]
         os.kill(pid, signal.SIGKILL)
         faults.append({"kind": kind, "node": victim["node"], "pid": pid, "t": time.time(), "hit": hit})
-    _settle(rig, sent, timeout=300)
+    try:
+        _settle(rig, sent, timeout=300)
+    except AssertionError:  # counted below: which tasks never ran
+        pass
     ends = rig.records(chaos_app.ENDS)
     for fault in faults:  # recovered: every task it hit ran to its end again
         done = [e["t"] for e in ends if e["id"] in fault["hit"] and e["t"] > fault["t"]]
         fault["recovered_s"] = round(max(done) - fault["t"], 1) if done else None
     recovery = [f["recovered_s"] for f in faults if f["recovered_s"] is not None]
+    lost = set(sent) - {e["id"] for e in ends}
+    started = {s["id"] for s in rig.records(chaos_app.STARTS)}
     return {**count_runs(rig, sent, ONCE), "kills": len(faults),
             "kills_of_workers": sum(f["kind"] == "worker" for f in faults),
             "tasks_hit": sum(len(f["hit"]) for f in faults),
-            "recovery_max_s": max(recovery, default=None), "faults": faults, **_ledger(rig)}
+            "recovery_max_s": max(recovery, default=None), "faults": faults,
+            "lost_tasks": sorted(names[t] for t in lost),
+            "lost_after_they_started": sum(t in started for t in lost),
+            "unacked_left": rig.client.hlen(UNACKED), **_ledger(rig)}
 
 
 def redis_restarts(directory, logdir, tasks: int, restarts: int, down_s: float = 2.0) -> dict[str, Any]:
