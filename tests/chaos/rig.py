@@ -32,7 +32,7 @@ QUEUES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 FAST_FENCING = {"TASKMESH_RESERVATION_TTL_S": "6", "TASKMESH_DEAD_AFTER_S": "8"}
 
 
-def _unpooled(module: Any) -> Any:
+def unpooled(module: Any) -> Any:
     """Drop the connections *module*'s app keeps (broker pool, producers, result backend): a
     scenario's Redis is not the last one's, and a pooled connection would reach the old one."""
     app = module.app
@@ -40,6 +40,7 @@ def _unpooled(module: Any) -> Any:
     app.amqp._producer_pool = None
     app._backend_cache = None
     app._local.__dict__.pop("backend", None)
+    app._redis = None  # taskmesh's own client for the producer-side checks
     return module
 
 
@@ -50,7 +51,7 @@ class Rig:
         self.url, self.logdir = url, logdir
         self.client = redis.Redis.from_url(url)
         self.client.flushdb()
-        self.app = bind(_unpooled(chaos_app), url)
+        self.app = bind(unpooled(chaos_app), url)
         self.procs = Processes(logdir, {"TASKMESH_BROKER_URL": url})
 
     def __enter__(self) -> Rig:

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from taskmesh.hardware.simulated import SimulationControl
 from taskmesh.state.keys import UNACKED
 from taskmesh.state.registry import Registry
 from tests.apps import chaos_app
-from tests.chaos.rig import FAST_FENCING, AofRedis, Rig, count_runs
+from tests.chaos.rig import FAST_FENCING, AofRedis, Rig, count_runs, unpooled
 from tests.conftest import ROOT
 from tests.test_admission import GIB, stats
 from tests.test_reconnect import drop_connections, wait_until
@@ -136,7 +137,7 @@ def connection_drops(rig: Rig, tasks: int, drops: int) -> dict[str, Any]:
     """(c) *tasks* 10 GiB tasks held (20 GiB of the GPU used by another process) while the
     worker's broker connections are CLIENT KILLed *drops* times; then the memory frees."""
     rig.taskmesh_worker("gpu", "gpu", nodes=1, TASKMESH_SIMULATE_GPUS="1x24GiB", TASKMESH_GPU_SLOTS="2")
-    (node,) = rig.nodes()
+    node = f"gpu0@{socket.gethostname()}"
     memory = SimulationControl(rig.client)
     memory.use(0, 20 * GIB)
     sent = [chaos_app.gpu_big.apply_async((0.1,)).id for _ in range(tasks)]
@@ -160,7 +161,7 @@ def stalls(rig: Rig, rounds: int, dead_after_s: float, stall_s: float) -> dict[s
     from tests.conftest import Processes, bind
     from tests.test_fencing import stall_the_running_worker
 
-    gpu_app = bind(gpu_app, rig.url)
+    gpu_app = bind(unpooled(gpu_app), rig.url)
     figures = {"rounds": rounds, "dead_after_s": dead_after_s, "stall_s": stall_s, "duplicates": 0,
                "duplicates_detected": 0, "ledger_after_stall_ok": 0, "lost": 0}
     for n in range(rounds):
