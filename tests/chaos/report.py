@@ -139,13 +139,19 @@ def render(results: dict[str, Any]) -> str:
     lines += [_row(name, result) for name, result in results["scenarios"].items()]
     kills = results["scenarios"].get("kills", {})
     if kills.get("status") == "ok" and kills["figures"]["lost"]:
-        lines += ["", f"**Not at-least-once under SIGKILL: {kills['figures']['lost']} task(s) lost in (a).** Each "
-                  "never started, left no result, no entry in kombu's `unacked` hash and none in a queue.",
-                  "The likely cause, from kombu's code (not traced message by message): its Redis transport takes a",
-                  "message off its list (`BRPOP`) and records it as unacknowledged in a second round trip, so a",
-                  "worker SIGKILLed between the two, or with the popped message still unread in its socket,",
-                  "takes the message with it. taskmesh's recovery cannot see a message Redis no longer has.",
-                  "Not fixed here (it needs an atomic move, e.g. `BLMOVE` into a per-worker list, in the transport)."]
+        f = kills["figures"]
+        stranded, vanished = f.get("unacked_left", 0), f["lost"] - f.get("unacked_left", 0)
+        lines += ["", f"**Not at-least-once under SIGKILL: {f['lost']} task(s) never ran in (a)** "
+                  f"({', '.join(f.get('lost_tasks', []))}; none had started)."]
+        if stranded:
+            lines += [f"{stranded} stayed in kombu's `unacked` hash: taskmesh's dead-worker recovery did not give",
+                      "it back, so it runs only after the visibility timeout (hours). Cause not found yet: an",
+                      "open bug, and the CI test asserts it does not happen (`unacked_left == 0`)."]
+        if vanished:
+            lines += [f"{vanished} left no trace at all (no result, not in `unacked`, in no queue). The likely cause,",
+                      "from kombu's code: its Redis transport takes a message off its list (`BRPOP`) and records",
+                      "it as unacknowledged in a second round trip; a worker SIGKILLed between the two takes it",
+                      "with it, and no recovery can see a message Redis no longer has."]
     lines += ["", "## The scenarios", ""]
     for name, result in results["scenarios"].items():
         title, what = SCENARIOS[name]

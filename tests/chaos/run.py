@@ -43,10 +43,13 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def _commit() -> str:
-    """The commit of this checkout, marked ``+changes`` when the tree differs from it."""
+    """The commit of this checkout, marked ``+changes`` when the tree differs from it (the
+    files this run writes aside)."""
     git = ["git", "-C", str(ROOT)]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!RELIABILITY.md", ":!tests/chaos/results.json"],  # what this run writes
+                           capture_output=True, text=True)
     return (head or "?") + ("+changes" if dirty.stdout.strip() else "")
 
 
