@@ -101,7 +101,8 @@ def _row(name: str, result: dict[str, Any]) -> str:
         "redis_restarts": f"{f.get('restarts')} restarts, down {f.get('down_s')} s each; sends refused "
                           f"{f.get('send_refused')} (kombu OperationalError), slowest send {f.get('slowest_send_s')} s;"
                           " "
-                          f"left unacknowledged after they ran: {f.get('unacked_left')}",
+                          f"left in kombu's unacked hash: {f.get('unacked_left')}, lost after they started: "
+                          f"{f.get('lost_after_they_started')}",
         "connection_drops": f"{f.get('drops')} drops, at most {f.get('most_held')} held at once",
     }[name]
     return (f"| {title} | {f['sent']} | {f['lost']} | {f['duplicates']} | {f['duplicates_once']} | {extra} | "

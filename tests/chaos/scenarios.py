@@ -123,11 +123,17 @@ def redis_restarts(directory, logdir, tasks: int, restarts: int, down_s: float =
                 server.restart(down_s)
             producer.join(300)
             ran = lambda: {e["id"] for e in rig.records(chaos_app.ENDS)} >= set(sent)  # noqa: E731
-            wait_until(lambda: ran() and not rig.running(), "every task whose send returned ran", 180)
-            time.sleep(float(FAST_FENCING["TASKMESH_DEAD_AFTER_S"]) + 4)  # a dead incarnation's messages are back
+            try:
+                wait_until(lambda: ran() and not rig.running(), "every task whose send returned ran", 180)
+                time.sleep(float(FAST_FENCING["TASKMESH_DEAD_AFTER_S"]) + 4)  # a dead incarnation's are back
+            except AssertionError:  # counted below
+                pass
+            started = {s["id"] for s in rig.records(chaos_app.STARTS)}
+            missing = set(sent) - {e["id"] for e in rig.records(chaos_app.ENDS)}
             return {**count_runs(rig, sent, ["gpu_once"]), "attempted": tasks, "restarts": restarts,
                     "down_s": down_s, "send_refused": len(refused), "refusals": sorted(set(refused))[:3],
                     "slowest_send_s": round(slowest[0], 1), "unacked_left": rig.client.hlen(UNACKED),
+                    "lost_after_they_started": len(missing & started),
                     **_ledger(rig)}
     finally:
         server.stop()
