@@ -168,6 +168,7 @@ def stalls(rig: Rig, rounds: int, dead_after_s: float, stall_s: float) -> dict[s
     from tests.test_fencing import stall_the_running_worker
 
     gpu_app = bind(unpooled(gpu_app), rig.url)
+    os.environ["TASKMESH_BROKER_URL"] = rig.url  # the workers test_fencing starts take it from the environment
     figures = {"rounds": rounds, "dead_after_s": dead_after_s, "stall_s": stall_s, "duplicates": 0,
                "duplicates_detected": 0, "ledger_after_stall_ok": 0, "lost": 0}
     for n in range(rounds):
