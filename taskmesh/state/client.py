@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
 
+from taskmesh.core.errors import ConfigError
 from taskmesh.core.redact import redacted
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -92,13 +93,16 @@ def client_from_url(url: str, use_ssl: Any = None, **kwargs: Any) -> redis.Redis
 
 
 def broker_client(app: Any, **kwargs: Any) -> redis.Redis:
-    """A new client on *app*'s Redis broker; raises ``ValueError`` naming the fix otherwise."""
+    """A new client on *app*'s Redis broker; raises ``ConfigError`` (a ``ValueError``) naming
+    the fix otherwise: the command line prints it as one line, a typo such as ``redsi://``
+    included, rather than a traceback."""
     url = broker_redis_url(app)
     if not url:
         given = redacted(str(app.conf.broker_url or "")) or "none"
-        raise ValueError(
-            f"taskmesh needs a Redis broker (redis://, rediss://, unix://); app {app.main!r} has "
-            f"{given!r}: set broker_url"
+        raise ConfigError(
+            f"app {app.main!r}", "broker_url",
+            f"{given!r} is not a Redis URL; taskmesh needs a Redis broker (redis://, rediss://, unix://)",
+            "set TASKMESH_BROKER_URL or broker_url, e.g. redis://127.0.0.1:6379/0",
         )
     # Bounded as kombu bounds its own connects: without it a broker host that drops
     # packets holds a producer's submit for the kernel's SYN retries (minutes).

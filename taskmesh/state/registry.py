@@ -52,6 +52,7 @@ class Registry:
         self.alive_s = alive_s
         self.memory_s = memory_s
         self.dead_after_s = dead_after_s
+        self._added: set[str] = set()  # tags ``holding`` added since ``take_added`` was last called
         self._renew = client.register_script(lua("lease"))
         self._fence = client.register_script(lua("fence"))
 
@@ -62,9 +63,15 @@ class Registry:
         state: dict[str, Any] | None = None,
         counters: dict[str, int] | None = None,
         runtimes: dict[str, float] | None = None,
+        gone: Iterable[str] | None = None,
     ) -> Renewal:
         """Renew this worker's lease and say which delivery tags it holds, its state and new
-        counts, all in one transaction (a renewal cannot be separated from what it announces)."""
+        counts, all in one transaction (a renewal cannot be separated from what it announces).
+
+        With *gone* (the tags announced before and no longer held) only those are removed:
+        a tag ``holding`` added after *inflight* was read must survive this announcement,
+        or a worker killed before the next one would leave that message to the visibility
+        timeout. Without it the set is replaced."""
         record = dataclasses.replace(record, last_seen=time.time(), stopped=False)
         pipe = self.client.pipeline(transaction=True)
         self._renew(keys=[LEASES, GIVEN_BACK + record.key], args=[record.key], client=pipe)
@@ -76,13 +83,33 @@ class Registry:
                 pipe.hincrby(COUNTERS, name, delta)
         for name, amount in (runtimes or {}).items():
             pipe.hincrbyfloat(RUNTIMES, name, amount)
-        pipe.delete(INFLIGHT + record.key)
+        removed = list(gone) if gone is not None else None
+        if removed is None:
+            pipe.delete(INFLIGHT + record.key)
+        elif removed:
+            pipe.srem(INFLIGHT + record.key, *removed)
         tags = list(inflight)
         if tags:
             pipe.sadd(INFLIGHT + record.key, *tags)
         age, given_back = pipe.execute()[0]
         flat = [item.decode() for item in given_back]
         return Renewal(float(age) if age else None, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def holding(self, key: str, tag: str) -> None:
+        """Add one delivery tag to what worker *key* holds, as the message arrives: the next
+        announcement can be a second away, and a worker killed meanwhile would leave the message
+        to Redis's visibility timeout (an hour or more). Best effort: the announcement follows."""
+        self._added.add(tag)
+        try:
+            self.client.sadd(INFLIGHT + key, tag)
+        except redis.RedisError:
+            pass
+
+    def take_added(self) -> set[str]:
+        """The tags ``holding`` added since the last call: taken before the heartbeat reads what
+        the worker holds, those it no longer holds are ``gone`` in the next announcement."""
+        added, self._added = self._added, set()
+        return added
 
     def stopped(self, record: WorkerRecord) -> None:
         """A clean stop: Celery restores what the worker held, nothing to reclaim."""

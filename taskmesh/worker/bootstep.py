@@ -36,6 +36,7 @@ from taskmesh.worker.lease import Lease
 from taskmesh.worker.once import OnceGuard, keep_done_s
 from taskmesh.worker.recovery import guard_restore, put_back
 from taskmesh.worker.report import Reporter
+from taskmesh.worker.unknown_task import one_line_unknown_tasks
 
 log = logging.getLogger(__name__)
 TICK_S = 0.5
@@ -76,6 +77,7 @@ class AdmissionStep(bootsteps.StartStopStep):
         self.timer_entry: Any = None
         self.warned = False
         c.taskmesh_admission = None
+        one_line_unknown_tasks()
 
     def _create(self, c: Any) -> AdmissionController | None:
         app = c.app

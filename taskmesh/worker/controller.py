@@ -90,6 +90,7 @@ class AdmissionController:
         task_id = message.headers.get("id")
         with self.lock:
             self.tags[task_id] = str(message.delivery_tag)
+        self.registry.holding(f"{self.node}#{self.incarnation}", str(message.delivery_tag))
         self.changed.set()
         held = Held(message, proceed, requirement, time.monotonic() if since is None else since, give_back)
         if self.held or self._blocked():
@@ -104,6 +105,7 @@ class AdmissionController:
             self.tags[message.headers.get("id")] = str(message.delivery_tag)
             if not (is_revoked(message.headers.get("id")) or expired(message.headers.get("expires"))):
                 self.deferred[str(message.delivery_tag)] = time.monotonic()  # else Celery discards it at once
+        self.registry.holding(f"{self.node}#{self.incarnation}", str(message.delivery_tag))
         self.changed.set()
 
     def due(self, message: Any, start: Callable[[], Any], give_back: Callable[[], Any]) -> bool:

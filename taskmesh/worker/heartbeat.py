@@ -43,6 +43,7 @@ class Heartbeat:
         self.stopping = threading.Event()
         self.refreshers: list[Callable[[], None]] = []  # other claims this worker keeps alive (run-once)
         self._flushed: collections.Counter[str] = collections.Counter()  # counters already added to fleet totals
+        self._announced: set[str] = set()  # the delivery tags the last announcement said this worker holds
         self.thread = threading.Thread(target=self._run, name="taskmesh-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -82,6 +83,7 @@ class Heartbeat:
     def beat(self) -> None:
         """Lease and registry, reservation refresh, dead workers' messages."""
         c = self.controller
+        added = c.registry.take_added()  # before the snapshot: a tag added after it stays for the next beat
         tags = c.held_tags()
         counters = dict(c.counters)
         deltas = {k: v - self._flushed[k] for k, v in counters.items() if k != "ticks"}
@@ -90,7 +92,10 @@ class Heartbeat:
         state = self.reporter.state()
         self.reporter.announced_pool_size = state["pool"]["size"]
         sent_at = time.monotonic()
-        renewal = c.registry.announce(self.reporter.record(), tags, state=state, counters=deltas, runtimes=runtimes)
+        gone = (self._announced | added) - set(tags)  # only these leave the set: tags added meanwhile stay
+        renewal = c.registry.announce(self.reporter.record(), tags, state=state, counters=deltas, runtimes=runtimes,
+                                      gone=gone)
+        self._announced = set(tags)
         self._flushed.update(deltas)
         lost, given_back = c.lease.renewed(renewal)
         if lost:

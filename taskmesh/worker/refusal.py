@@ -11,10 +11,12 @@ than waiting for ever. Celery's own ``task_rejected`` signal is sent.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any
 
 from celery import signals
+from celery.utils.time import maybe_iso8601
 from kombu.exceptions import ContentDisallowed
 
 from taskmesh.core.errors import MessageRefused, TaskmeshError
@@ -36,6 +38,35 @@ def fix_for(consumer: Any, problem: Exception) -> str:
         return (f"this worker accepts only {accepted} messages: send it from an app with the same task_serializer "
                 "and accept_content (for 'auth', signed with a key whose certificate is in security_cert_store)")
     return RESEND
+
+def _is_seconds(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value >= 0)
+
+
+def celery_header_problem(headers: Any) -> MessageRefused | None:
+    """A Celery header that Celery itself would crash on or drop with a traceback: ``timelimit``
+    that is not ``[soft, hard]`` seconds ends the worker in the pool's timer ("Unrecoverable
+    error"), a ``retries`` that is not a count breaks run-once and retry, an ``eta`` or ``expires``
+    that is not a date is discarded with no trace of it. Checked before anything else."""
+    if not isinstance(headers, dict):
+        return None  # refused with the body and task id checks
+    limits = headers.get("timelimit")
+    if limits is not None and not (isinstance(limits, list | tuple) and len(limits) == 2
+                                   and all(_is_seconds(v) for v in limits)):
+        return MessageRefused(f"its header 'timelimit' is {shown(limits)}, not Celery's [soft, hard] in seconds")
+    retries = headers.get("retries")
+    if retries is not None and not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
+        return MessageRefused(f"its header 'retries' is {shown(retries)}, not a count >= 0")
+    for name in ("eta", "expires"):
+        value = headers.get(name)
+        if value is None or isinstance(value, datetime.datetime):
+            continue
+        try:
+            maybe_iso8601(value)
+        except (TypeError, ValueError):
+            return MessageRefused(f"its header {name!r} is {shown(value)}, not an ISO 8601 date and time")
+    return None
+
 
 def requirement_of(message: Any) -> Requirement:
     """What the message runs under; raises on anything that cannot run safely.

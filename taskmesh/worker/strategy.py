@@ -25,6 +25,7 @@ from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
 
 from taskmesh.core.headers import GPUS_HEADER, WARM_HEADER
+from taskmesh.worker.refusal import celery_header_problem, refuse
 
 #: This worker process's controller and run-once guard (a worker process has one consumer); set by the bootstep.
 current: Any = None
@@ -75,6 +76,10 @@ def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any
         controller = getattr(consumer, "taskmesh_admission", None)
         if controller is None:
             return handler(message, body, ack, reject, callbacks, **kw)
+        problem = celery_header_problem(message.headers)
+        if problem is not None:
+            controller.counters["refused"] += 1
+            return refuse(consumer, controller.registry.client, message, problem)
         if message.headers.get("eta") or _rate_limited(task, consumer):
             controller.defer(message)
             return handler(message, body, ack, reject, callbacks, **kw)
