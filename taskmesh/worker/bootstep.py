@@ -22,6 +22,9 @@ from celery import bootsteps
 
 from taskmesh.core.activity import gpu_summary
 from taskmesh.core.gate import Gate
+from taskmesh.core.need_queues import family
+from taskmesh.core.profiles import Profile
+from taskmesh.core.redact import redacted
 from taskmesh.hardware.inventory import detect, visible_gpu_uuids
 from taskmesh.hardware.providers import provider_from_env
 from taskmesh.state.client import broker_client, broker_redis_url
@@ -82,8 +85,15 @@ class AdmissionStep(bootsteps.StartStopStep):
     def _create(self, c: Any) -> AdmissionController | None:
         app = c.app
         if not broker_redis_url(app):
-            log.warning("taskmesh admission needs a Redis broker; %s is not one, so tasks are not admitted",
-                        app.conf.broker_url or "")
+            broker = redacted(str(app.conf.broker_url or ""))
+            gpu = sorted(q.name for q in c.task_consumer.queues if family(q.name) == Profile.GPU_INTENSIVE.queue)
+            if gpu:  # fail closed: with no ledger a GPU task would run with nothing reserved
+                log.error("taskmesh: this worker consumes %s, but its broker %s is not Redis, where taskmesh keeps "
+                          "the GPU ledger, so GPU tasks would run unguarded: it stops. Use a Redis broker "
+                          "(redis://, rediss://) or consume no GPU queue (-Q cpu_intensive,cpu_light,mixed)",
+                          ", ".join(gpu), broker)
+                raise SystemExit(2)
+            log.warning("taskmesh admission needs a Redis broker; %s is not one, so tasks are not admitted", broker)
             return None
         config = app.taskmesh_config
         client = broker_client(app)
