@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,6 +123,16 @@ class Lan:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
+def rebind(module, url: str) -> None:
+    """``bind`` to another Redis. Celery keeps the connection pools and the result backend it
+    made at first use, which an earlier test in this process may have made for its Redis."""
+    app = module.app
+    app._after_fork()  # the connection and producer pools
+    app._backend_cache, app._local = None, threading.local()  # a backend that is not thread safe is per thread
+    app._redis = None  # taskmesh's own client
+    bind(module, url)
+
+
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
@@ -134,13 +145,17 @@ def lan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Lan]:
     why = _can_make_namespaces()
     if why:
         pytest.skip(why)
-    made = Lan(tmp_path)
+    from tests.apps import gpu_app
+
+    made, before = Lan(tmp_path), gpu_app.app.conf.broker_url
     try:
         made.make()
         monkeypatch.setenv("TASKMESH_BROKER_URL", made.urls["test"])
+        rebind(gpu_app, made.urls["test"])
         yield made
     finally:
         made.remove()
+        rebind(gpu_app, before)
 
 
 def gpu_uuid(host: str) -> str:
@@ -151,7 +166,6 @@ def gpu_uuid(host: str) -> str:
 def test_hosts_share_one_ledger_route_by_capability_survive_skew_and_recover_a_dead_host(lan):
     from tests.apps import gpu_app
 
-    bind(gpu_app, lan.urls["test"])
     client = redis.Redis.from_url(lan.urls["test"])
     ledger, pools = Ledger(client), {h: gpu_pool(gpu_uuid(h)) for h in HOSTS}
     env = {"TASKMESH_RESERVATION_TTL_S": "6", "TASKMESH_DEAD_AFTER_S": "8"}
