@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,10 +59,18 @@ def broker_url(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def bind(module, broker_url: str):
-    """Point a test app module at this session's Redis, with no state from another test."""
-    module.app.conf.broker_url = broker_url
-    module.app.conf.result_backend = broker_url
-    module.app._submit_policy = None  # its registry view is cached for two seconds
+    """Point a test app module at *broker_url* (this session's Redis), with no state from another
+    test. Celery keeps the connection pools and the result backend it made at first use, so a
+    test that pointed the app at another server (its own Redis, RabbitMQ) would leave them behind."""
+    app = module.app
+    app.conf.broker_url = broker_url
+    app.conf.result_backend = broker_url
+    app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
+    app._backend_cache, app._local = None, threading.local()  # a backend that is not thread safe is per thread
+    app._redis = None  # taskmesh's own client
+    app._submit_policy = None  # its registry view is cached for two seconds
     return module
 
 
@@ -125,6 +134,14 @@ def processes() -> Iterator[Processes]:
     procs = Processes()
     yield procs
     procs.stop_all()
+
+
+def wait_until(condition, what: str, timeout: float = 60.0, seen=lambda: "") -> None:
+    """Block until *condition()* is true; fail naming *what* did not happen (and *seen()*)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout}s {seen()}".rstrip()
+        time.sleep(0.05)
 
 
 def wait_for_workers(app, names: list[str], timeout: float = 60) -> None:

@@ -23,9 +23,8 @@ from taskmesh.core.requirements import Requirement
 from taskmesh.hardware.simulated import SimulationControl
 from taskmesh.state.memory_ledger import MemoryLedger
 
-from .conftest import queue_depth
+from .conftest import queue_depth, wait_until
 from .test_admission import GIB, start_gpus, stats
-from .test_held_line import wait_until
 
 # --- the policy itself -------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from taskmesh.state.batches import job as job_record
 from taskmesh.state.keys import COUNTERS, INFLIGHT, LEDGER_PREFIX, UNACKED
 from taskmesh.worker.controller import RECONCILE_AFTER_S
 
-from .conftest import ROOT, bind, queue_depth, wait_for_workers
+from .conftest import ROOT, bind, queue_depth, wait_for_workers, wait_until
 from .test_flower import LOGIN, start_flower
 from .test_status import frame_text
 
@@ -43,12 +43,6 @@ def batch_app(broker_url: str):
 def calls(broker) -> list[list]:
     return [json.loads(c) for c in broker.lrange("test:batch-calls", 0, -1)]
 
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s"
-        time.sleep(0.05)
 
 
 def start_gpu_worker(processes, app, name: str, env: dict[str, str] | None = None):

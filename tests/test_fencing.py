@@ -34,9 +34,8 @@ from taskmesh.state.memory_ledger import MemoryLedger
 from taskmesh.state.registry import Registry, Renewal
 from taskmesh.worker.lease import Lease
 
-from .conftest import queue_depth, wait_for_workers
+from .conftest import queue_depth, wait_for_workers, wait_until
 from .test_admission import GIB, stats
-from .test_release import wait_until
 
 HOST = socket.gethostname()
 APP = "tests.apps.gpu_app"

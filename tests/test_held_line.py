@@ -17,16 +17,11 @@ from taskmesh.state.keys import STATES
 from taskmesh.state.queues import QueueDepth, app_queue_depths, queue_depths
 from taskmesh.state.registry import Registry
 
+from .conftest import wait_until
 from .test_admission import GIB, start_gpus, stats
 
 AGE_S = 4.0
 
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s"
-        time.sleep(0.2)
 
 
 @pytest.mark.slow

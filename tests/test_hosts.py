@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from taskmesh.core.claims import gpu_pool
 from taskmesh.hardware.simulated import SimulatedProvider
 from taskmesh.state.ledger import Ledger
 
-from .conftest import Processes, bind, wait_for_workers
-from .test_release import wait_until
+from .conftest import Processes, bind, wait_for_workers, wait_until
 
 APP = "tests.apps.gpu_app"
 GIB = 1024
@@ -123,16 +121,6 @@ class Lan:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
-def rebind(module, url: str) -> None:
-    """``bind`` to another Redis. Celery keeps the connection pools and the result backend it
-    made at first use, which an earlier test in this process may have made for its Redis."""
-    app = module.app
-    app._after_fork()  # the connection and producer pools
-    app._backend_cache, app._local = None, threading.local()  # a backend that is not thread safe is per thread
-    app._redis = None  # taskmesh's own client
-    bind(module, url)
-
-
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
@@ -151,11 +139,11 @@ def lan(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Lan]:
     try:
         made.make()
         monkeypatch.setenv("TASKMESH_BROKER_URL", made.urls["test"])
-        rebind(gpu_app, made.urls["test"])
+        bind(gpu_app, made.urls["test"])
         yield made
     finally:
         made.remove()
-        rebind(gpu_app, before)
+        bind(gpu_app, before)
 
 
 def gpu_uuid(host: str) -> str:

@@ -28,8 +28,7 @@ from taskmesh.observe.top import warm_line
 from taskmesh.state.keys import MODELS_HELD
 from taskmesh.state.ledger import Ledger
 
-from .conftest import ROOT, wait_for_workers
-from .test_release import wait_until
+from .conftest import ROOT, wait_for_workers, wait_until
 from .test_status import frame_text
 
 HOST = socket.gethostname()

@@ -17,7 +17,7 @@ import pytest
 
 from taskmesh.state.keys import COUNTERS, UNACKED
 
-from .conftest import bind, queue_depth, wait_for_workers
+from .conftest import bind, queue_depth, wait_for_workers, wait_until
 
 APP = "tests.apps.once_app"
 
@@ -36,12 +36,6 @@ def runs(broker, task_id: str) -> int:
 def settled(broker) -> bool:
     return queue_depth(broker, "cpu_intensive") == 0 and broker.hlen(UNACKED) == 0
 
-
-def wait_until(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s"
-        time.sleep(0.05)
 
 
 def start(processes, app, *names: str, env: dict[str, str] | None = None) -> list:

@@ -20,7 +20,7 @@ from kombu import Connection
 
 from taskmesh.run.stack import free_port
 
-from .conftest import Processes, wait_for_workers
+from .conftest import Processes, bind, wait_for_workers
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 APP = "tests.apps.e2e_app"
@@ -68,14 +68,17 @@ def worker(processes: Processes, url: str, queues: str, log: Path) -> subprocess
 
 
 @pytest.mark.slow
-def test_on_rabbitmq_a_gpu_worker_stops_with_one_line_and_a_cpu_worker_runs(rabbitmq, processes, tmp_path,
-                                                                             monkeypatch):
+def test_on_rabbitmq_a_gpu_worker_stops_with_one_line_and_a_cpu_worker_runs(rabbitmq, processes, tmp_path):
     from tests.apps import e2e_app
 
-    monkeypatch.setattr(e2e_app.app.conf, "broker_url", rabbitmq)
-    cpu = worker(processes, rabbitmq, "cpu_intensive", tmp_path / "cpu.log")
-    wait_for_workers(e2e_app.app, ["cpu_intensive@rabbit"])  # the broker works for a worker that takes no GPU work
-    assert cpu.poll() is None
+    before = e2e_app.app.conf.broker_url
+    bind(e2e_app, rabbitmq)
+    try:
+        cpu = worker(processes, rabbitmq, "cpu_intensive", tmp_path / "cpu.log")
+        wait_for_workers(e2e_app.app, ["cpu_intensive@rabbit"])  # the broker works for a worker taking no GPU work
+        assert cpu.poll() is None
+    finally:
+        bind(e2e_app, before)  # later tests' e2e_app must not reach for this RabbitMQ
     gpu = worker(processes, rabbitmq, "gpu", tmp_path / "gpu.log")
     assert gpu.wait(90) == 2
     said = (tmp_path / "gpu.log").read_text()

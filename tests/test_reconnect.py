@@ -22,17 +22,11 @@ from taskmesh import create_app
 from taskmesh.hardware.simulated import SimulationControl
 from taskmesh.run.stack import free_port
 
-from .conftest import bind, queue_depth, wait_for_workers
+from .conftest import bind, queue_depth, wait_for_workers, wait_until
 from .test_admission import GIB, start_gpus, stats
 
 QUEUE_KEYS = ["gpu"] + [f"gpu\x06\x16{p}" for p in range(1, 10)]
 
-
-def wait_until(condition, what: str, timeout: float = 60.0, seen=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s {seen()}"
-        time.sleep(0.2)
 
 
 def drop_connections(broker, pid: int) -> int:

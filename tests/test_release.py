@@ -10,7 +10,6 @@ reservations expire only after the 15 s TTL, so neither can hide a missed releas
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 from celery.exceptions import TimeLimitExceeded
@@ -20,18 +19,13 @@ from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
 from taskmesh.state.ledger import Ledger
 from taskmesh.worker.controller import RECONCILE_AFTER_S
 
+from .conftest import wait_until
 from .test_admission import GIB, start_gpus, stats
 
 GPU = "1x16GiB"  # room for one 10 GiB task: a leaked reservation would block the next
 SLOTS = "2"  # two pool slots, so the ledger alone keeps a second 10 GiB task waiting
 PROMPT_S = RECONCILE_AFTER_S / 2
 
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s"
-        time.sleep(0.02)
 
 
 def succeeds(app, broker, node) -> int:

@@ -23,8 +23,7 @@ from benchmarks.harness import Processes, python_argv
 from taskmesh.run.stack import free_port, redis_command, wait_for_redis
 from taskmesh.state.keys import LEDGER_PREFIX, UNACKED
 from tests.apps import chaos_app
-from tests.conftest import bind, queue_depth, wait_for_workers
-from tests.test_reconnect import wait_until
+from tests.conftest import bind, queue_depth, wait_for_workers, wait_until
 
 APP = "tests.apps.chaos_app"
 QUEUES = ("gpu", "cpu_intensive", "cpu_light", "mixed")

@@ -28,9 +28,9 @@ from taskmesh.state.keys import UNACKED
 from taskmesh.state.registry import Registry
 from tests.apps import chaos_app
 from tests.chaos.rig import FAST_FENCING, AofRedis, Rig, count_runs, unpooled
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 from tests.test_admission import GIB, stats
-from tests.test_reconnect import drop_connections, wait_until
+from tests.test_reconnect import drop_connections
 
 ONCE = [t.name.rsplit(".", 1)[-1] for t in chaos_app.MIXTURE if t.name.endswith("_once")]
 

@@ -16,8 +16,7 @@ from tests.apps import chaos_app
 from tests.chaos import scenarios
 from tests.chaos.rig import FAST_FENCING, Rig
 from tests.chaos.run import SIZES
-from tests.conftest import ROOT
-from tests.test_reconnect import wait_until
+from tests.conftest import ROOT, wait_until
 
 
 @pytest.fixture
