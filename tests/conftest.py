@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import psutil
 import pytest
 import redis
 
-from taskmesh.run.stack import free_port
+from taskmesh.run.stack import free_port, redis_command, wait_for_redis
 from taskmesh.run.supervisor import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +135,38 @@ def processes() -> Iterator[Processes]:
     procs = Processes()
     yield procs
     procs.stop_all()
+
+
+class AofRedis:
+    """A redis-server of a test's own, started as ``taskmesh up`` starts it (append-only file,
+    ``everysec``), on a fixed port so clients reconnect, and restarted by its pid."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port, self.directory = free_port(), directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(redis_command(self.port, self.directory), stdout=subprocess.DEVNULL,
+                                start_new_session=True)
+        wait_for_redis(self.url, timeout=30)
+        return proc
+
+    def restart(self, down_s: float, sig: int = signal.SIGKILL) -> None:
+        """Kill it (after its append-only file caught up, see tests/test_stack_faults.py), stay down
+        *down_s* seconds, start it again on the same port and folder."""
+        from tests.test_stack_faults import wait_written_to_the_aof
+
+        wait_written_to_the_aof(redis.Redis.from_url(self.url))
+        self.proc.send_signal(sig)
+        self.proc.wait(20)
+        time.sleep(down_s)
+        self.proc = self._start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
 
 
 def wait_until(condition, what: str, timeout: float = 60.0, seen=lambda: "") -> None:

@@ -23,6 +23,7 @@ import redis
 
 from taskmesh.core.claims import gpu_pool
 from taskmesh.hardware.simulated import SimulatedProvider
+from taskmesh.run.stack import wait_for_redis
 from taskmesh.state.ledger import Ledger
 
 from .conftest import Processes, bind, wait_for_workers, wait_until
@@ -94,8 +95,7 @@ class Lan:
         self.processes.start(["ip", "netns", "exec", self.ns("r"), "redis-server", "--port", str(PORT), "--bind",
                               "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"],
                              stdout=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.urls["test"], socket_connect_timeout=1)
-        wait_until(lambda: _pings(client), timeout=10, what="Redis in its namespace to answer")
+        wait_for_redis(self.urls["test"], timeout=10)
 
     def start_host(self, host: str, **env: str) -> subprocess.Popen[bytes]:
         """``taskmesh worker --profile gpu`` on *host*: its own namespace and hostname."""
@@ -119,13 +119,6 @@ class Lan:
         self.processes.stop_all()
         for namespace in self.namespaces:  # a veth dies with its end in a namespace, and its peer with it
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
+import signal
 import time
 
 import psutil
@@ -20,9 +19,8 @@ import redis
 
 from taskmesh import create_app
 from taskmesh.hardware.simulated import SimulationControl
-from taskmesh.run.stack import free_port
 
-from .conftest import bind, queue_depth, wait_for_workers, wait_until
+from .conftest import AofRedis, bind, queue_depth, wait_for_workers, wait_until
 from .test_admission import GIB, start_gpus, stats
 
 QUEUE_KEYS = ["gpu"] + [f"gpu\x06\x16{p}" for p in range(1, 10)]
@@ -65,40 +63,6 @@ def test_a_task_held_across_a_broker_connection_drop_runs_once(countdown, gpu_ap
     assert ran["label"] == "held" and ran["redelivered"]  # what ran is the copy kombu put back
 
 
-class OwnRedis:
-    """A redis-server of this test's own, with AOF on, restarted by its pid on the same port."""
-
-    def __init__(self, directory) -> None:
-        self.port, self.directory = free_port(), directory
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = self._start()
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                 "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-                                 "--save", ""], stdout=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _answers(client), "redis-server started", timeout=20)
-        return proc
-
-    def restart(self, down_s: float) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
-        time.sleep(down_s)
-        self.proc = self._start()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)
-
-
-def _answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 def _client_reconnected(app) -> bool:
     """kombu's pooled connections fail once after a restart, then reconnect."""
     try:
@@ -110,7 +74,7 @@ def _client_reconnected(app) -> bool:
 
 @pytest.fixture
 def own_redis(tmp_path):
-    server = OwnRedis(tmp_path)
+    server = AofRedis(tmp_path)
     yield server
     server.stop()
 
@@ -135,7 +99,8 @@ def test_a_task_held_across_a_redis_restart_runs_once(own_redis, processes):
     memory.use(0, 20 * GIB)
     result = ten_gib.delay(0.1, label="held")
     wait_until(lambda: stats(app, node)["held"] == 1, "the task was held")
-    own_redis.restart(down_s=3.0)  # down long enough that kombu cannot put the message back as it closes
+    # a clean stop, down long enough that kombu cannot put the message back as it closes
+    own_redis.restart(down_s=3.0, sig=signal.SIGTERM)
     wait_until(lambda: _client_reconnected(app), "this test's client reconnected")
     wait_for_workers(app, [node], timeout=60)
     wait_until(lambda: stats(app, node)["held"] == 1, "the task was held again",

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
-import signal
 import subprocess
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,6 @@ import psutil
 import redis
 
 from benchmarks.harness import Processes, python_argv
-from taskmesh.run.stack import free_port, redis_command, wait_for_redis
 from taskmesh.state.keys import LEDGER_PREFIX, UNACKED
 from tests.apps import chaos_app
 from tests.conftest import bind, queue_depth, wait_for_workers, wait_until
@@ -136,33 +133,3 @@ def count_runs(rig: Rig, sent: Iterable[str], once_names: Iterable[str] = ()) ->
     }
 
 
-class AofRedis:
-    """A redis-server started as ``taskmesh up`` starts it (append-only file, ``everysec``), on a
-    fixed port so clients reconnect, and restarted by its pid."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port, self.directory = free_port(), directory
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = self._start()
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(redis_command(self.port, self.directory), stdout=subprocess.DEVNULL,
-                                start_new_session=True)
-        wait_for_redis(self.url, timeout=30)
-        return proc
-
-    def restart(self, down_s: float, sig: int = signal.SIGKILL) -> None:
-        """Kill it (after its append-only file caught up, see tests/test_stack_faults.py), stay down
-        *down_s* seconds, start it again on the same port and folder."""
-        from tests.test_stack_faults import wait_written_to_the_aof
-
-        wait_written_to_the_aof(redis.Redis.from_url(self.url))
-        self.proc.send_signal(sig)
-        self.proc.wait(20)
-        time.sleep(down_s)
-        self.proc = self._start()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(20)

@@ -27,8 +27,8 @@ from taskmesh.hardware.simulated import SimulationControl
 from taskmesh.state.keys import UNACKED
 from taskmesh.state.registry import Registry
 from tests.apps import chaos_app
-from tests.chaos.rig import FAST_FENCING, AofRedis, Rig, count_runs, unpooled
-from tests.conftest import ROOT, wait_until
+from tests.chaos.rig import FAST_FENCING, Rig, count_runs, unpooled
+from tests.conftest import ROOT, AofRedis, wait_until
 from tests.test_admission import GIB, stats
 from tests.test_reconnect import drop_connections
 
