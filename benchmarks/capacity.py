@@ -29,17 +29,17 @@ FULL = {"tasks": 3000, "gpus": 4, "slots": 4, "idle_s": 30, "task_s": [1, 10, 60
 SMOKE = {**FULL, "tasks": 40, "gpus": 1, "slots": 2, "idle_s": 2}
 
 
-def redis_load(client: redis.Redis) -> tuple[float, int]:
-    """Redis's CPU seconds so far (user + system, every thread) and the commands it has run."""
+def redis_load(client: redis.Redis) -> tuple[float, dict[str, tuple[int, int]]]:
+    """Redis's CPU seconds so far (user + system, every thread), and per command the calls and
+    microseconds spent so far."""
     cpu = client.info("cpu")
-    calls = sum(int(stat["calls"]) for stat in client.info("commandstats").values())
-    return cpu["used_cpu_user"] + cpu["used_cpu_sys"], calls
+    commands = {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
+                for name, stat in client.info("commandstats").items()}
+    return cpu["used_cpu_user"] + cpu["used_cpu_sys"], commands
 
 
-def command_times(client: redis.Redis) -> dict[str, tuple[int, int]]:
-    """Calls and microseconds spent so far, per command."""
-    return {name.removeprefix("cmdstat_"): (int(stat["calls"]), int(stat["usec"]))
-            for name, stat in client.info("commandstats").items()}
+def total_calls(commands: dict[str, tuple[int, int]]) -> int:
+    return sum(count for count, _ in commands.values())
 
 
 def costliest(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], tasks: int) -> dict[str, Any]:
@@ -63,23 +63,23 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
         specs = start_taskmesh(procs, app, ["gpu"], env, logdir)
         wait_for_workers(app, [s.nodename for s in specs], procs)
         time.sleep(2)  # past the workers' first announcements
-        cpu0, calls0 = redis_load(client)
+        cpu0, seen0 = redis_load(client)
         time.sleep(params["idle_s"])
-        cpu1, calls1 = redis_load(client)
+        cpu1, seen1 = redis_load(client)
         idle_cpu = ((cpu1 - cpu0) / params["idle_s"] - alone) / len(specs)
-        idle_calls = (calls1 - calls0) / params["idle_s"] / len(specs)
+        idle_calls = (total_calls(seen1) - total_calls(seen0)) / params["idle_s"] / len(specs)
 
-        task, commands = app.tasks[tm_app.NAMES["gpu"]], command_times(client)
+        task = app.tasks[tm_app.NAMES["gpu"]]
         started = time.monotonic()
         for label in range(params["tasks"]):
             task.apply_async((0.0, label))
         wait_for_records(client, params["tasks"], timeout=60 + params["tasks"] / 5, procs=procs)
         elapsed = time.monotonic() - started
-        cpu2, calls2 = redis_load(client)
-        result.metrics["per_task_by_command"] = costliest(commands, command_times(client), params["tasks"])
+        cpu2, seen2 = redis_load(client)
+        result.metrics["per_task_by_command"] = costliest(seen1, seen2, params["tasks"])
     idle_share = (idle_cpu * len(specs) + alone) * elapsed
     per_task_cpu = max(0.0, cpu2 - cpu1 - idle_share) / params["tasks"]
-    per_task_calls = (calls2 - calls1 - idle_calls * len(specs) * elapsed) / params["tasks"]
+    per_task_calls = (total_calls(seen2) - total_calls(seen1) - idle_calls * len(specs) * elapsed) / params["tasks"]
     result.metrics.update(
         redis_cpu_us_per_task=round(per_task_cpu * 1e6, 1),
         redis_commands_per_task=round(per_task_calls, 1),
