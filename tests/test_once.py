@@ -85,3 +85,28 @@ def test_a_run_whose_worker_died_runs_again_on_another(once_app, broker, process
     os.killpg(doomed.pid, signal.SIGKILL)
     assert result.get(timeout=90) == result.id  # the survivor ran it again, once its claim expired
     assert runs(broker, result.id) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, runs_expected", [("once_job", 1), ("plain_job", 2)])
+def test_a_run_whose_body_returned_is_not_run_again_when_its_worker_dies_before_the_ack(
+        once_app, broker, processes, task, runs_expected):
+    """Found by the chaos suite's random SIGKILLs (a once=True task ran twice): the body ends in
+    the pool child, and the worker's main process is killed before it acknowledges. The main
+    process is stopped while the body runs, so the kill lands in that gap every time; the
+    message is handed back after dead_after_s and delivered to the survivor. The same for a
+    task without once=True runs twice, which shows the redelivery happens."""
+    env = {"TASKMESH_RESERVATION_TTL_S": "6", "TASKMESH_DEAD_AFTER_S": "8"}
+    (doomed,) = start(processes, once_app.app, "doomed", env=env)
+    result = getattr(once_app, task).apply_async((4.0,))
+    wait_until(lambda: runs(broker, result.id) == 1, "the first run started")
+    time.sleep(1.5)  # the registry is told what a worker holds within a second of it arriving
+    os.kill(doomed.pid, signal.SIGSTOP)  # the main process; its pool child runs the body on
+    wait_until(lambda: result.state == "SUCCESS", "the body returned and its result was stored")
+    os.killpg(doomed.pid, signal.SIGKILL)
+    start(processes, once_app.app, "survivor", env=env)
+    wait_until(lambda: runs(broker, result.id) >= runs_expected and settled(broker), "the redelivery settled", 90)
+    time.sleep(1.0)
+    assert runs(broker, result.id) == runs_expected
+    if task == "once_job":
+        wait_until(lambda: int(broker.hget(COUNTERS, "duplicates_skipped") or 0) == 1, "the second delivery skipped")

@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task
 
 from taskmesh.app.batching import cached_result, check_batch_call, remember_result
+from taskmesh.app.once import mark_body_returned
 from taskmesh.app.progress import report_progress
 from taskmesh.app.sending import RETURNED, name_priority
 from taskmesh.app.warm import run_warm
@@ -56,6 +57,8 @@ class TaskmeshTask(Task):
             if request.called_directly:
                 return super().__call__(*args, **kwargs)
             value = run_warm(self, lambda: super(TaskmeshTask, self).__call__(*args, **kwargs))
+            if getattr(self, "once", False) and not request.is_eager:
+                mark_body_returned(self)
             if self.batching is not None:
                 remember_result(self, args, kwargs, value)
             return value

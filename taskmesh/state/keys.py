@@ -29,7 +29,7 @@ REBALANCE_RUNS = "taskmesh:rebalance:runs"  # the latest runs, newest first
 REBALANCE_RESIZED = "taskmesh:rebalance:resized"  # node → when its pool was last resized
 ALERTS = "taskmesh:alerts"  # alert key → JSON
 DEAD_LETTERS = "taskmesh:dead-letters"  # task id → JSON: tasks that failed for good, and messages refused unrun
-ONCE_PREFIX = "taskmesh:once:"  # + task id + ":" + retries: "running:<holder>" or "done" (once=True tasks)
+ONCE_PREFIX = "taskmesh:once:"  # + task id + ":" + retries: "running:<holder>", "returned" or "done" (once=True)
 # warm models
 MODELS_HELD = "taskmesh:models:"  # + node: hash pool pid → JSON of the models that process holds and its state
 MODEL_LOAD_S = "taskmesh:model-load-s"  # model → learned load time (EWMA, seconds), shared by the fleet

@@ -29,14 +29,14 @@ from taskmesh.hardware.inventory import detect, visible_gpu_uuids
 from taskmesh.hardware.providers import provider_from_env
 from taskmesh.state.client import broker_client, broker_redis_url
 from taskmesh.state.ledger import Ledger
-from taskmesh.state.once import OnceClaims
+from taskmesh.state.once import OnceClaims, keep_done_s
 from taskmesh.state.registry import Registry
 from taskmesh.worker import control, strategy
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.envelope import guard_unreadable
 from taskmesh.worker.heartbeat import Heartbeat
 from taskmesh.worker.lease import Lease
-from taskmesh.worker.once import OnceGuard, keep_done_s
+from taskmesh.worker.once import OnceGuard
 from taskmesh.worker.recovery import guard_restore, put_back
 from taskmesh.worker.report import Reporter
 from taskmesh.worker.unknown_task import one_line_unknown_tasks
@@ -143,7 +143,8 @@ class AdmissionStep(bootsteps.StartStopStep):
     @staticmethod
     def _once_guard(app: Any, controller: AdmissionController) -> OnceGuard:
         claims = OnceClaims(controller.registry.client, holder=f"{controller.node}#{controller.incarnation}",
-                            ttl_s=app.taskmesh_config.admission.dead_after_s, keep_done_s=keep_done_s(app))
+                            ttl_s=app.taskmesh_config.admission.dead_after_s,
+                            keep_done_s=keep_done_s(app.conf.result_expires))
         return OnceGuard(controller, claims)
 
     def _warn_if_untyped(self, c: Any) -> None:

@@ -15,7 +15,6 @@ its messages are given back. A parked message keeps one prefetch slot.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -32,14 +31,7 @@ class Parked:
     proceed: Callable[[], Any]
     give_back: Callable[[], Any]
     key: str
-
-
-def keep_done_s(app: Any) -> int:
-    """How long a finished run is remembered: as long as its result is (``result_expires``)."""
-    expires = app.conf.result_expires
-    if isinstance(expires, datetime.timedelta):
-        return int(expires.total_seconds()) or 86400
-    return int(expires or 86400)
+    previous: str | None
 
 
 class OnceGuard:
@@ -53,14 +45,15 @@ class OnceGuard:
         """Before admission: run it (through the controller), park it, or skip it."""
         headers = message.headers
         task_id = headers.get("id")
-        key = once_key(task_id, int(headers.get("retries") or 0))
+        retries = int(headers.get("retries") or 0)
+        key, previous = once_key(task_id, retries), once_key(task_id, retries - 1) if retries else None
         with self.controller.lock:  # a copy of this run is already held or running in this worker
             held_here = task_id in self.controller.tags or task_id in self.controller.reservations
-        answer = self.claims.claim(key)
+        answer = self.claims.claim(key, previous)
         if answer == "done":
             self._skip(message, "it already ran")
         elif answer == "running" or (answer == "mine" and held_here):
-            self._park(Parked(message, proceed, give_back, key))
+            self._park(Parked(message, proceed, give_back, key, previous))
         else:
             with self.controller.lock:
                 self.keys[task_id] = key
@@ -87,7 +80,7 @@ class OnceGuard:
         parked, self.parked = self.parked, []
         for entry in parked:
             task_id = entry.message.headers.get("id")
-            answer = self.claims.claim(entry.key)
+            answer = self.claims.claim(entry.key, entry.previous)
             if answer == "done":
                 self._skip(entry.message, "the run it duplicated finished")
             elif answer == "claimed":
