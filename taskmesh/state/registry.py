@@ -112,11 +112,13 @@ class Registry:
         return added
 
     def stopped(self, record: WorkerRecord) -> None:
-        """A clean stop: Celery restores what the worker held, nothing to reclaim."""
+        """A clean stop: Celery restores what the worker held, nothing to reclaim. Its in-flight
+        set is kept a while (``dead_after_s``, at least a minute), so what it may still be
+        finishing is not taken for orphaned (``state.orphans``)."""
         record = dataclasses.replace(record, last_seen=time.time(), stopped=True)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(WORKERS, record.key, record.to_json())
-        pipe.delete(INFLIGHT + record.key)
+        pipe.expire(INFLIGHT + record.key, max(60, int(self.dead_after_s)))
         pipe.execute()
 
     def workers(self) -> list[WorkerRecord]:

@@ -18,7 +18,7 @@ per pool process is in flight: a full buffer waits for one to end, so an item re
 meanwhile is still left out.
 
 Nothing is lost: every item's delivery tag is in the controller's ``tags`` from
-arrival (the heartbeat announces them, so a killed worker's items are given back by
+arrival (announced to the registry at once, so a killed worker's items are given back by
 recovery), and each message is acknowledged only after its item's result is stored. A
 buffer left from before a broker reconnect (a new ``QoS``) is dropped: kombu put those
 messages back as the old channel closed. An item with a countdown or ETA joins the
@@ -110,9 +110,7 @@ class Batcher:
                        root_id=req.root_id, parent_id=req.parent_id, retries=req.request_dict.get("retries", 0),
                        eta=req.eta and req.eta.isoformat(), expires=req.expires and req.expires.isoformat())
         if controller is not None:
-            with controller.lock:
-                controller.tags[req.id] = str(message.delivery_tag)
-            controller.changed.set()
+            controller.arrived(message)
         if req.eta:
             eta = to_timestamp(timezone.to_system(req.eta)) if req.utc else to_timestamp(req.eta, self.app.timezone)
             self.scheduled += 1

@@ -87,11 +87,7 @@ class AdmissionController:
             # a producer that stamps nothing (plain Celery, another version): the task registered here says
             task = self.consumer.app.tasks.get(message.headers.get("task"))
             requirement = getattr(task, "requirement", None) or requirement
-        task_id = message.headers.get("id")
-        with self.lock:
-            self.tags[task_id] = str(message.delivery_tag)
-        self.registry.holding(f"{self.node}#{self.incarnation}", str(message.delivery_tag))
-        self.changed.set()
+        self.arrived(message)
         held = Held(message, proceed, requirement, time.monotonic() if since is None else since, give_back)
         if self.held or self._blocked():
             self._hold(held, backfill=True)
@@ -102,9 +98,15 @@ class AdmissionController:
     def defer(self, message: Any) -> None:
         """Celery will schedule *message*: it stays unacknowledged here, unreserved until ``due``."""
         with self.lock:
-            self.tags[message.headers.get("id")] = str(message.delivery_tag)
             if not (is_revoked(message.headers.get("id")) or expired(message.headers.get("expires"))):
                 self.deferred[str(message.delivery_tag)] = time.monotonic()  # else Celery discards it at once
+        self.arrived(message)
+
+    def arrived(self, message: Any) -> None:
+        """This worker holds *message*: said to the registry now, not at the next announcement
+        a second away, so a kill meanwhile does not leave it to the visibility timeout."""
+        with self.lock:
+            self.tags[message.headers.get("id")] = str(message.delivery_tag)
         self.registry.holding(f"{self.node}#{self.incarnation}", str(message.delivery_tag))
         self.changed.set()
 

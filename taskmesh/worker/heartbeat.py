@@ -1,5 +1,5 @@
 """The heartbeat thread: renew the worker's lease and announce it, refresh (and write back)
-its reservations, recover dead workers' messages.
+its reservations, recover dead workers' messages and orphaned ones.
 
 A thread, not the event loop, so a ``solo`` worker busy with a long task is not
 mistaken for a dead one. It beats every ``HEARTBEAT_S``, and soon (coalesced, at
@@ -26,8 +26,9 @@ import redis
 from taskmesh.core.config_schema import HEARTBEAT_S
 from taskmesh.core.redact import redacted
 from taskmesh.state.client import broker_redis_url
+from taskmesh.state.orphans import OrphanWatch
 from taskmesh.worker.controller import AdmissionController
-from taskmesh.worker.recovery import reclaim_dead_workers
+from taskmesh.worker.recovery import reclaim_dead_workers, reclaim_orphans
 from taskmesh.worker.report import Reporter
 from taskmesh.worker.strategy import live_request_ids
 
@@ -44,6 +45,7 @@ class Heartbeat:
         self.refreshers: list[Callable[[], None]] = []  # other claims this worker keeps alive (run-once)
         self._flushed: collections.Counter[str] = collections.Counter()  # counters already added to fleet totals
         self._announced: set[str] = set()  # the delivery tags the last announcement said this worker holds
+        self.orphans = OrphanWatch(controller.registry.client, controller.registry.dead_after_s)
         self.thread = threading.Thread(target=self._run, name="taskmesh-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -115,6 +117,7 @@ class Heartbeat:
                         "keys) for tasks still running here: %s", len(recreated), ", ".join(recreated))
         if c.lease.held_for() >= c.registry.dead_after_s:
             reclaim_dead_workers(self.app, c.registry, c.registry.client)
+            reclaim_orphans(self.app, self.orphans)
 
     def refresh(self) -> list[str]:
         """Refresh what this worker holds, writing back what the ledger lost; returns what was

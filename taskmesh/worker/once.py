@@ -49,6 +49,8 @@ class OnceGuard:
         key, previous = once_key(task_id, retries), once_key(task_id, retries - 1) if retries else None
         with self.controller.lock:  # a copy of this run is already held or running in this worker
             held_here = task_id in self.controller.tags or task_id in self.controller.reservations
+        if not held_here:
+            self.controller.arrived(message)  # before the claim's round trip, and while it is parked
         answer = self.claims.claim(key, previous)
         if answer == "done":
             self._skip(message, "it already ran")

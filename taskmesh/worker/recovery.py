@@ -12,6 +12,11 @@ it assigns at publish and keeps across restores, so a worker presumed dead that 
 stalled would otherwise, on acknowledging its own copy, delete the entry of the copy
 running elsewhere, and a crash of that worker would then lose the message.
 
+A message no worker says it holds — its worker was SIGKILLed as kombu recorded the
+delivery, or its task ended while the connection was down so the acknowledgement was lost
+— is found by ``reclaim_orphans`` (``state.orphans``) and delivered again the same way,
+``dead_after_s`` later.
+
 A live worker whose broker connection dropped while Redis was down puts back its own
 held messages with ``put_back`` (kombu could not restore them as the channel closed),
 and hands its held line back with ``put_back_line``. ``guard_restore`` keeps kombu's
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +36,9 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from kombu.utils.uuid import uuid
 
+from taskmesh.core.headers import ENQUEUED_AT
 from taskmesh.state.keys import JANITOR
+from taskmesh.state.orphans import CANDIDATES, OrphanWatch
 from taskmesh.state.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,38 @@ def reclaim_dead_workers(app: Any, registry: Registry, client: redis.Redis) -> i
     finally:
         client.delete(JANITOR)
     return restored
+
+
+def reclaim_orphans(app: Any, watch: OrphanWatch) -> int:
+    """Deliver again the messages taskmesh stamped that no worker has held for ``dead_after_s``."""
+    if not watch.due():
+        return 0
+    restored = 0
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        old = channel.client.zrangebyscore(channel.unacked_index_key, "-inf", time.time() - watch.dead_after_s,
+                                           start=0, num=CANDIDATES)
+        held = watch.held()
+        unheld = [t for t in (bytes_to_str(t) for t in old) if t not in held]
+        for tag in watch.settle(unheld):
+            payload = channel.client.hget(channel.unacked_key, tag)
+            if payload is None or tag in watch.held() or not _stamped(payload):
+                continue
+            task_id = restore_as_new(channel, tag)
+            watch.forget(tag)
+            if task_id is not None:
+                restored += 1
+                log.warning("task %s was unacknowledged and held by no worker for over %gs (dead_after_s): "
+                            "delivered again", task_id or "?", watch.dead_after_s)
+    return restored
+
+
+def _stamped(payload: bytes) -> bool:
+    try:
+        message = loads(bytes_to_str(payload))[0]
+    except (ValueError, TypeError, IndexError):
+        return False
+    return ENQUEUED_AT in (message.get("headers") or {})
 
 
 def restore_as_new(channel: Any, tag: str) -> str | None:
