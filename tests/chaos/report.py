@@ -145,9 +145,9 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", f"**Not at-least-once under SIGKILL: {f['lost']} task(s) never ran in (a)** "
                   f"({', '.join(f.get('lost_tasks', []))}; none had started)."]
         if stranded:
-            lines += [f"{stranded} stayed in kombu's `unacked` hash: taskmesh's dead-worker recovery did not give",
-                      "it back, so it runs only after the visibility timeout (hours). Cause not found yet: an",
-                      "open bug, and the CI test asserts it does not happen (`unacked_left == 0`)."]
+            lines += [f"{stranded} stayed in kombu's `unacked` hash: neither dead-worker recovery nor the",
+                      "orphan sweep gave it back within the run: a bug, and the CI test asserts it does not",
+                      "happen (`unacked_left == 0`)."]
         if vanished:
             lines += [f"{vanished} left no trace at all (no result, not in `unacked`, in no queue). The likely cause,",
                       "from kombu's code: its Redis transport takes a message off its list (`BRPOP`) and records",
@@ -171,14 +171,19 @@ def render(results: dict[str, Any]) -> str:
         "as single cases in `tests/test_fencing.py`. Found by the kill scenario and fixed: a worker",
         "SIGKILLed within a second of taking a message left it to the visibility timeout (an hour),",
         "because it announced what it holds up to a second late",
-        "(`test_a_worker_killed_within_a_second_of_taking_a_message_hands_it_back`).",
-        "Seen in (b), not fixed: as Redis goes, kombu's channel close can end a Celery worker",
+        "(`test_a_worker_killed_within_a_second_of_taking_a_message_hands_it_back`); a `once=True`",
+        "task ran twice when its worker was SIGKILLed after the body returned and before the ack",
+        "(`tests/test_once.py::test_a_run_whose_body_returned_is_not_run_again_when_its_worker_dies_before_the_ack`);",
+        "an `io_once` task never ran, left in kombu's `unacked` hash by a worker killed between kombu",
+        "recording the delivery and the worker announcing it: orphaned messages are now swept",
+        "(`state/orphans.py`, `test_a_message_taken_by_a_process_killed_before_it_said_so_is_delivered_again`).",
+        "Seen in (b): as Redis goes, kombu's channel close can end a Celery worker",
         "(`Unrecoverable error: AttributeError ... 'hostname'` in `restore_unacked`, plain kombu 5.7);",
         "`taskmesh worker` restarts it, and the task it ran comes back only after `dead_after_s` (60 s by",
-        "default): not lost, late. Open: a task that ends while its worker's connection is down keeps",
-        "its message in kombu's `unacked` hash (the acknowledgement is lost with the old channel, and",
-        "kombu could not put it back as the channel closed); it is delivered again only after the",
-        "visibility timeout, a late duplicate (`once=True` skips it). *left unacknowledged* counts them.",
+        "default): not lost, late. A task that ends while its worker's connection is down keeps its",
+        "message in kombu's `unacked` hash (the acknowledgement is lost with the old channel); the",
+        "orphan sweep delivers it again after `dead_after_s`, a duplicate (`once=True` skips it).",
+        "*left unacknowledged* counts what is still there at the end.",
         "(The tasks' run records retry while Redis is down, so the side channel is not what fails.)",
         "",
         f"## Bad input: {len(CAMPAIGN)} cases",
