@@ -153,6 +153,10 @@ def render(results: dict[str, Any]) -> str:
                       "from kombu's code: its Redis transport takes a message off its list (`BRPOP`) and records",
                       "it as unacknowledged in a second round trip; a worker SIGKILLed between the two takes it",
                       "with it, and no recovery can see a message Redis no longer has."]
+            if f.get("lost_once_claims"):
+                lines += [f"The run-once claims of the lost `once=True` tasks: {', '.join(f['lost_once_claims'])} "
+                          "(`none`: no worker's strategy ever saw the message, as that cause predicts; "
+                          "`returned`/`done` would mean it was skipped unrun)."]
     lines += ["", "## The scenarios", ""]
     for name, result in results["scenarios"].items():
         title, what = SCENARIOS[name]

@@ -26,6 +26,7 @@ from kombu.exceptions import OperationalError
 
 from taskmesh.hardware.simulated import SimulationControl
 from taskmesh.state.keys import UNACKED
+from taskmesh.state.once import once_key
 from taskmesh.state.registry import Registry
 from tests.apps import chaos_app
 from tests.chaos.rig import FAST_FENCING, Rig, count_runs, unpooled
@@ -87,6 +88,10 @@ def kills(rig: Rig, tasks: int, kills: int, seed: int = 1, seconds: tuple[float,
             "tasks_hit": sum(len(f["hit"]) for f in faults),
             "recovery_max_s": max(recovery, default=None), "faults": faults,
             "lost_tasks": sorted(names[t] for t in lost),
+            # a lost once=True task's claim says how far it got: none (no worker's strategy saw it),
+            # running:<holder> (claimed, then its worker died), returned/done (marked done, never run: a bug)
+            "lost_once_claims": sorted((rig.client.get(once_key(t, 0)) or b"none").decode().split(":")[0]
+                                       for t in lost if names[t] in ONCE),
             "lost_after_they_started": sum(t in started for t in lost),
             "unacked_left": rig.client.hlen(UNACKED), **_ledger(rig)}
 
