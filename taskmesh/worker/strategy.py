@@ -23,6 +23,7 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.request import Request
 from celery.worker.strategy import default as default_strategy
+from kombu.transport import virtual
 
 from taskmesh.core.headers import GPUS_HEADER, WARM_HEADER
 from taskmesh.worker.refusal import celery_header_problem, refuse
@@ -124,12 +125,17 @@ def requeue_at_front(message: Any, restore: bool = True) -> None:
 
     ``reject(requeue=True)`` LPUSHes it behind everything waiting; kombu's own restore
     (as at a worker's shutdown) moves it from ``unacked`` to the front in one
-    transaction, and the ack then only clears the channel's record of it (all that is
-    left to do when *restore* is false: ``recovery.put_back_line`` put it back).
+    transaction (already done when *restore* is false: ``recovery.put_back_line``).
+    What is left is the channel's own record of it, cleared as kombu's own requeue
+    clears it, without Redis: the copy put back keeps its delivery tag, so an ack sent
+    now would delete the ``unacked`` entry of that copy if a worker (this one, whose
+    BRPOP may be waiting on the queue) has taken it already — and a crash of that
+    worker would then lose it.
     """
     if restore:
         message.channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
-    message.ack()
+    virtual.QoS.ack(message.channel.qos, message.delivery_tag)
+    message._state = "ACK"
 
 
 def _give_back(request: Request, restore: bool = True) -> None:
