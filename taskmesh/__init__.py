@@ -2,7 +2,7 @@
 
 from taskmesh.app import TaskmeshCelery, TaskmeshTask, create_app
 from taskmesh.app.batch_jobs import batch_status, cancel_batch, submit_batch
-from taskmesh.app.models import current_model
+from taskmesh.app.models import current_model, current_model_name
 from taskmesh.core.batching import RetryItem
 from taskmesh.core.errors import (
     ConfigError,
@@ -41,6 +41,7 @@ __all__ = [
     "cancel_batch",
     "create_app",
     "current_model",
+    "current_model_name",
     "submit_batch",
 ]
 __version__ = "0.1.0"

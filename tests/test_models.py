@@ -228,3 +228,38 @@ def test_a_pool_process_that_dies_with_its_model_has_it_released_by_its_worker(m
     second = model_app.use_cheap.delay().get(timeout=60)["pid"]
     assert second != first and events(broker) == ["load:cheap", "load:cheap"]
     wait_until(lambda: list(holders(broker)) == [f"model:{node}/{second}/cheap"], "only the new copy counted")
+
+
+@pytest.mark.slow
+def test_a_task_with_several_models_runs_the_largest_that_fits_now_and_a_warm_one_first(
+        model_app, broker, processes):
+    """model=["large", "small"] (16 and 6 GiB) on one 24 GiB GPU, two threads sharing one copy
+    of each model: with 12 GiB taken by another task only the small one fits, and it runs with
+    it, the large one never loaded; later, with the GPU free again, the small one is warm and
+    is chosen over loading the large one."""
+    node = start_gpu(processes, model_app.app, TASKMESH_GPU_SLOTS="2", TASKMESH_GPU_POOL="threads")
+    blocker = model_app.hold12.delay(6.0)
+    wait_until(lambda: Ledger(broker).used([POOL])[POOL] == 12 * GIB, "the 12 GiB task runs")
+    pressed = model_app.use_best.delay().get(timeout=60)
+    assert pressed["chosen"] == pressed["model"] == "small"
+    assert events(broker) == ["load:small"]  # the large model was not loaded
+    blocker.get(timeout=60)
+    again = model_app.use_best.delay().get(timeout=60)
+    assert again["chosen"] == "small" and again["loaded_at"] == pressed["loaded_at"]  # warm first: no load
+    assert events(broker) == ["load:small"]
+    wait_until(lambda: holders(broker) == {f"model:{node}/{pressed['pid']}/small": 6 * GIB},
+               "the warm small model's reservation only")
+
+
+@pytest.mark.slow
+def test_a_task_with_several_models_takes_the_preferred_one_when_the_gpu_has_room(model_app, broker, processes):
+    start_gpu(processes, model_app.app)
+    assert model_app.use_best.delay().get(timeout=60)["chosen"] == "large"
+    assert events(broker) == ["load:large"]
+
+
+def test_model_lists_are_checked_at_import():
+    app = create_app("tests.model_list_check")
+    for bad in ([], ["a", "a"], ["a", ""], 3):
+        with pytest.raises(Exception, match="list of distinct names"):
+            app.task(profile="gpu", model=bad)(lambda: None)

@@ -1,4 +1,5 @@
-"""Declaring models: ``@app.model(name, vram=...)`` over a loader, and ``current_model()``.
+"""Declaring models: ``@app.model(name, vram=...)`` over a loader, and ``current_model()``
+(with ``current_model_name()``: a task declared ``model=[...]`` runs with whichever fits).
 
 A model is declared once, with its device memory and how to load (and optionally
 unload) it; a task declared with ``model=name`` gets the loaded object from
@@ -73,5 +74,14 @@ def current_model() -> Any:
     return model[0]
 
 
-def set_current(obj: Any | None) -> None:
-    _current.model = None if obj is None else (obj,)
+def current_model_name() -> str:
+    """Which model the running task got: with ``model=[...]``, the one admission chose."""
+    model = getattr(_current, "model", None)
+    if model is None:
+        raise LookupError("current_model_name() is only available inside a task declared with model= "
+                          "naming a model declared with @app.model(...)")
+    return model[1]
+
+
+def set_current(obj: Any | None, name: str = "") -> None:
+    _current.model = None if obj is None else (obj, name)

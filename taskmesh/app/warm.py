@@ -124,7 +124,8 @@ def run_warm(task: Any, body: Callable[[], Any]) -> Any:
     pool = gpu_pool(gpus[0]) if gpus else None
     for name, amount in warm.get("evict") or ():
         _unload(store, node, name, warm["reservation"], amount)
-    declared = declared_models(task.app).get(task.requirement.model or "")
+    chosen = warm.get("model") or task.requirement.model  # of model=[...], the one admission chose
+    declared = declared_models(task.app).get(chosen or "")
     if declared is None:
         return body()
     with _loading:  # a threads pool's slots share one process's models: one load each
@@ -134,7 +135,7 @@ def run_warm(task: Any, body: Callable[[], Any]) -> Any:
         elif warm.get("claim") and pool is not None:  # it was warm here after all: the claim is not needed
             store.move(pool, warm["reservation"], "", warm["claim"])
     _publish(store, node, BUSY, request.id, pool)
-    set_current(loaded.obj)
+    set_current(loaded.obj, declared.spec.name)
     try:
         return body()
     finally:

@@ -93,6 +93,12 @@ class HeaderFields:
             raise self._bad(field, "a non-empty name")
         return value
 
+    def names(self, field: str) -> tuple[str, ...]:
+        value = self.header.get(field) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self._bad(field, "a list of non-empty names")
+        return tuple(value)
+
     def priority(self) -> int | None:
         value = self.header.get("priority")
         if value is None:

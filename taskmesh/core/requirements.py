@@ -55,6 +55,7 @@ class Requirement:
     exclusive: bool = False
     fallback: Profile | None = None
     model: str | None = None
+    model_choices: tuple[str, ...] = ()  # model=[...]: every model it may run with, the preferred first
     priority: int | None = None
 
     @property
@@ -109,9 +110,7 @@ class Requirement:
         exclusive = options.get("exclusive", False)
         if not isinstance(exclusive, bool):
             raise RequirementError(task, f"exclusive {exclusive!r} must be True or False")
-        model = options.get("model")
-        if model is not None and (not isinstance(model, str) or not model.strip()):
-            raise RequirementError(task, f"model {model!r} must be a non-empty name such as 'whisper-small'")
+        model, choices = _models(task, options.get("model"))
         return cls(
             profile=profile,
             vram_mib=vram,
@@ -123,6 +122,7 @@ class Requirement:
             exclusive=exclusive,
             fallback=fallback,
             model=model,
+            model_choices=choices,
             priority=_priority(task, options),
         )
 
@@ -159,6 +159,7 @@ class Requirement:
             exclusive=read.flag("exclusive"),
             fallback=fallback,
             model=read.name("model"),
+            model_choices=read.names("model_choices"),
             priority=read.priority(),
         )
         if not profile.uses_gpu and (requirement.gpus or requirement.vram_mib or requirement.min_compute_capability):
@@ -168,6 +169,10 @@ class Requirement:
         if fallback is profile:
             raise RequirementError(task, f"header 'taskmesh': fallback {fallback.queue!r} is the task's own profile")
         return requirement
+
+    def with_model(self, name: str) -> Requirement:
+        """This requirement with the one model admission chose of its ``model_choices``."""
+        return dataclasses.replace(self, model=name, model_choices=())
 
     def as_fallback(self) -> Requirement:
         """What the task needs when sent to its fallback profile: on a CPU profile, no GPU at all."""
@@ -205,6 +210,18 @@ def _compute_capability(task: str, value: object) -> tuple[int, int] | None:
             task, f"min_compute_capability {value!r} is not a compute capability; write it like '8.0' or '8.9'"
         )
     return (int(match[1]), int(match[2]))
+
+
+def _models(task: str, given: Any) -> tuple[str | None, tuple[str, ...]]:
+    """``model="a"`` or ``model=["a", "b"]`` (degrade: the first that fits, warm ones first)."""
+    if given is None:
+        return None, ()
+    names = [given] if isinstance(given, str) else given
+    if not isinstance(names, list | tuple) or not names or len(set(names)) != len(names) or not all(
+            isinstance(name, str) and name.strip() for name in names):
+        raise RequirementError(task, f"model {given!r} must be a non-empty name such as 'whisper-small', or a "
+                                     "list of distinct names, preferred first, such as ['qwen2.5:14b', 'qwen2.5:7b']")
+    return names[0], tuple(names) if len(names) > 1 else ()
 
 
 def _priority(task: str, options: Mapping[str, Any]) -> int | None:

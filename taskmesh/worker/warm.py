@@ -106,23 +106,45 @@ class WarmModels:
 
     def decide(self, held: Any, reservation: str) -> Decision:
         requirement = held.requirement
-        spec = self.specs.get(requirement.model or "")
         held.message.headers.pop(WARM_HEADER, None)  # a retry's copy of an earlier run's instructions
         if not self.specs or not requirement.needs_gpu:
             return self.c.gate.decide(requirement, reservation)
         entries = self.read()
-        claim = 0
-        if spec is not None:
-            holders = sum(1 for e in entries.values() if spec.name in e["models"])
-            claim = 0 if holders >= len(self._live_pids()) else spec.vram_mib  # warm in whichever process runs it
-            requirement = dataclasses.replace(requirement, vram_mib=(requirement.vram_mib or 0) + claim)
-        decision = self.c.gate.decide(requirement, reservation)
+        tried: list[tuple[Any, int, Decision]] = []
+        for choice in self._choices(requirement, entries):  # one, or model=[...]'s, warm ones first
+            claim = self._claim(choice.model, entries)
+            choice = dataclasses.replace(choice, vram_mib=(choice.vram_mib or 0) + claim) if claim else choice
+            decision = self.c.gate.decide(choice, reservation)
+            tried.append((choice, claim, decision))
+            if isinstance(decision, Admitted):
+                break
+        if not isinstance(tried[-1][2], Admitted):  # the first to wait (it may evict), else the last reroute
+            tried.append(next((t for t in tried if isinstance(t[2], Wait)), tried[-1]))
+        choice, claim, decision = tried[-1]
         evict: list[tuple[str, int]] = []
         if isinstance(decision, Wait):
-            decision, evict = self._maybe_evict(held, requirement, reservation, entries, decision)
-        if isinstance(decision, Admitted) and (spec is not None or evict):
-            held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": claim, "evict": evict}
+            decision, evict = self._maybe_evict(held, choice, reservation, entries, decision)
+        if isinstance(decision, Admitted) and (choice.model in self.specs or evict):
+            held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": claim, "evict": evict,
+                                                 "model": choice.model}
         return decision
+
+    def _choices(self, requirement: Any, entries: dict[int, dict[str, Any]]) -> list[Any]:
+        """``model=[...]``: its declared models, those warm in every pool process first, each in
+        the order given (the preferred, largest, first); otherwise the requirement itself."""
+        names = [n for n in requirement.model_choices if n in self.specs]
+        if not names:
+            return [requirement]
+        warm = [n for n in names if self._claim(n, entries) == 0]
+        return [requirement.with_model(n) for n in warm + [n for n in names if n not in warm]]
+
+    def _claim(self, model: str | None, entries: dict[int, dict[str, Any]]) -> int:
+        """The model memory a task must carry: none when the model is warm in whichever process runs it."""
+        spec = self.specs.get(model or "")
+        if spec is None:
+            return 0
+        holders = sum(1 for e in entries.values() if spec.name in e["models"])
+        return 0 if holders >= len(self._live_pids()) else spec.vram_mib
 
     def _maybe_evict(self, held: Any, requirement: Any, reservation: str, entries: dict[int, dict[str, Any]],
                      waited: Wait) -> tuple[Decision, list[tuple[str, int]]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from taskmesh import create_app, current_model
+from taskmesh import create_app, current_model, current_model_name
 from taskmesh.app.placement import current_placement
 
 app = create_app("tests.apps.model_app")
@@ -39,6 +39,10 @@ cheap = app.model("cheap", vram="16GiB", load_s=1)(_loader("cheap"))
 cheap.unloader(_unload)
 dear = app.model("dear", vram="16GiB", load_s=60, unloader=_unload)(_loader("dear"))
 brain = app.model("brain", vram="16GiB", load_s=1, never_evict=True, unloader=_unload)(_loader("brain"))
+
+
+large = app.model("large", vram="16GiB", load_s=1)(_loader("large"))
+small = app.model("small", vram="6GiB", load_s=1)(_loader("small"))
 
 
 @app.model("broken", vram="8GiB")
@@ -77,5 +81,17 @@ def use_broken() -> dict[str, Any]:
 @app.task(profile="gpu", vram="16GiB", time_limit=120)
 def plain(seconds: float = 0.05) -> dict[str, Any]:
     """No model: 16 GiB of its own, which an idle warm model may be holding."""
+    time.sleep(seconds)
+    return {"gpus": list(current_placement().gpu_uuids)}
+
+
+@app.task(profile="gpu", vram="1GiB", model=["large", "small"], time_limit=120)
+def use_best(seconds: float = 0.05) -> dict[str, Any]:
+    """Degrade under pressure: the large model if it fits now, else the small one (warm ones first)."""
+    return {**_report(seconds), "chosen": current_model_name()}
+
+
+@app.task(profile="gpu", vram="12GiB", time_limit=120)
+def hold12(seconds: float) -> dict[str, Any]:
     time.sleep(seconds)
     return {"gpus": list(current_placement().gpu_uuids)}
