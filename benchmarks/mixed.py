@@ -36,11 +36,11 @@ TITLE = "Mixed workload: total time against plain Celery and the lower bound"
 FULL = {
     "gpus": 2, "gpu_slots": 1, "io_concurrency": 100, "seed": 7,
     "gpu_tasks": 24, "gpu_s": 2.0, "cpu_tasks": 48, "cpu_s": 1.0, "io_tasks": 100, "io_s": 0.5,
-    "systems": ["taskmesh", "baseline", "taskmesh_all", "taskmesh_all_static"],
+    "systems": ["taskmesh", "plain_typed_safe", "baseline", "taskmesh_all", "taskmesh_all_static"],
     "rebalance_interval_s": 1.0,
 }
 SMOKE = {**FULL, "gpus": 1, "gpu_tasks": 2, "gpu_s": 0.2, "cpu_tasks": 2, "cpu_s": 0.2, "io_tasks": 4, "io_s": 0.1,
-         "systems": ["taskmesh", "baseline"]}
+         "systems": ["taskmesh", "plain_typed_safe", "baseline"]}
 #: Worker groups per system: the groups this workload uses, or ``--profile all``.
 GROUPS = {"taskmesh": ["gpu", "cpu_intensive", "cpu_light"], "taskmesh_all": ["all"], "taskmesh_all_static": ["all"]}
 KINDS = ("gpu", "cpu", "io")
@@ -81,6 +81,8 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
     makespan = {system: measured["row"]["makespan_s"] for system, measured in runs.items()}
     result.metrics["baseline_over_taskmesh"] = ratio(makespan.get("baseline"), makespan.get("taskmesh"))
     result.metrics["taskmesh_over_bound"] = ratio(makespan.get("taskmesh"), bound)
+    # plain Celery with a queue and a worker per kind of work: what queue separation alone buys
+    result.metrics["typed_plain_over_taskmesh"] = ratio(makespan.get("plain_typed_safe"), makespan.get("taskmesh"))
     if "taskmesh_all" in makespan:
         result.metrics["taskmesh_all_over_bound"] = ratio(makespan["taskmesh_all"], bound)
     if "taskmesh_all_static" in makespan:  # the same stack without beat: what the rebalancer buys
@@ -106,6 +108,16 @@ def run_system(system: str, params: dict[str, Any], broker: str, ctx: Context, c
             nodes = [start_plain(procs, broker, cpus, gpu_locks=params["gpus"] * params["gpu_slots"])]
             plan = [{"node": nodes[0], "queue": plain_app.QUEUE, "pool": "prefork", "concurrency": cpus}]
             names = plain_app.NAMES
+        elif system == "plain_typed_safe":
+            app, plan = plain_app.make_app(broker, mode="matched"), typed_plain_plan(params, cpus)
+            for worker in plan:
+                node = start_plain(procs, broker, worker["concurrency"], mode="matched", pool=worker["pool"],
+                                   queue=worker["queue"], name=worker["queue"], gpu_locks=slots(params),
+                                   env={plain_app.ROUTES_ENV: "typed"})
+                worker["node"] = node
+            app.conf.task_routes = {plain_app.NAMES[k]: {"queue": q} for k, q in plain_app.TYPED_QUEUES.items()}
+            nodes = [worker["node"] for worker in plan]
+            names = plain_app.NAMES
         else:
             app = tm_app.make_app(broker)
             if system == "taskmesh_all":  # the documented stack: every group, and beat running the rebalancer
@@ -127,6 +139,19 @@ def run_system(system: str, params: dict[str, Any], broker: str, ctx: Context, c
             submitted = time.time()
             records = wait_for_records(client, len(tasks), timeout=120 + 3 * sum(s for _, s, _ in tasks), procs=procs)
     return summarise(records, started, submitted, sampler, params, cpus, plan)
+
+
+def slots(params: dict[str, Any]) -> int:
+    return params["gpus"] * params["gpu_slots"]
+
+
+def typed_plain_plan(params: dict[str, Any], cpus: int) -> list[dict[str, Any]]:
+    """Plain Celery configured well: a worker per queue, GPU slots one task each, CPU prefork
+    sized to the cores, I/O on gevent (``task_routes`` by name; late acks, prefetch 1)."""
+    queues = plain_app.TYPED_QUEUES
+    return [{"queue": queues["gpu"], "pool": "prefork", "concurrency": slots(params)},
+            {"queue": queues["cpu"], "pool": "prefork", "concurrency": cpus},
+            {"queue": queues["io"], "pool": "gevent", "concurrency": params["io_concurrency"]}]
 
 
 def summarise(records: list[dict[str, Any]], started: float, submitted: float, sampler: CpuSampler,

@@ -1,6 +1,8 @@
 """The baseline: what a team runs today — a plain ``celery.Celery`` app, one queue, a
 prefork pool sized to the cores, and GPU tasks serialised by Redis locks (one per GPU
-slot) so that they cannot oversubscribe a GPU.
+slot) so that they cannot oversubscribe a GPU. With ``TASKMESH_BENCH_PLAIN_ROUTES=typed``,
+what a team that read Celery's routing docs runs: a queue per kind of work (``task_routes``
+by task name), each with its own worker.
 
 Two settings modes, chosen by ``TASKMESH_BENCH_PLAIN``:
 
@@ -22,6 +24,8 @@ from benchmarks.work import burn_cpu, client, record
 from taskmesh.app.celery_app import BROKER_ENV, DEFAULT_BROKER
 
 MODE_ENV = "TASKMESH_BENCH_PLAIN"
+ROUTES_ENV = "TASKMESH_BENCH_PLAIN_ROUTES"  # "typed": a queue per kind of work, routed by task name
+TYPED_QUEUES = {"gpu": "plain_gpu", "cpu": "plain_cpu", "io": "plain_io"}
 GPU_LOCKS_ENV = "TASKMESH_BENCH_GPU_LOCKS"
 QUEUE = "plain"
 NAMES = {kind: f"benchmarks.plain_app.{kind}" for kind in ("gpu", "cpu", "io", "noop_cpu", "noop_io")}
@@ -57,6 +61,8 @@ def make_app(broker: str | None = None, mode: str | None = None) -> Celery:
     if mode == "matched":
         app.conf.update(matched_settings(broker))
     app.conf.task_default_queue = QUEUE
+    if os.environ.get(ROUTES_ENV) == "typed":
+        app.conf.task_routes = {NAMES[kind]: {"queue": queue} for kind, queue in TYPED_QUEUES.items()}
 
     def done(task: Any, kind: str, label: Any, started: float, cpu_s: float = 0.0, gpus: list[str] = ()) -> None:
         request = task.request

@@ -67,12 +67,13 @@ def start_taskmesh(procs: Processes, app: Any, groups: Sequence[str], env: dict[
 
 
 def start_plain(procs: Processes, broker: str, concurrency: int, *, mode: str = "defaults", pool: str = "prefork",
-                queue: str = QUEUE, name: str = "plain", gpu_locks: int = 1, extra: Sequence[str] = ()) -> str:
+                queue: str = QUEUE, name: str = "plain", gpu_locks: int = 1, extra: Sequence[str] = (),
+                env: dict[str, str] | None = None) -> str:
     """A plain ``celery worker`` for the baseline app; returns its node name."""
     node = f"{name}@{socket.gethostname()}"
     argv = python_argv("celery", "-A", PLAIN_APP, "worker", "-P", pool, "-c", str(concurrency), "-Q", queue,
                        "-n", node, "--loglevel", "WARNING", *extra)
-    procs.start(name, argv, {BROKER_ENV: broker, MODE_ENV: mode, GPU_LOCKS_ENV: str(gpu_locks)})
+    procs.start(name, argv, {BROKER_ENV: broker, MODE_ENV: mode, GPU_LOCKS_ENV: str(gpu_locks), **(env or {})})
     return node
 
 
