@@ -239,7 +239,8 @@ class Simulation:
 
         The prefetch is the pool's slots plus the held messages, and both running and held
         messages are unacknowledged: a message is taken while fewer than *slots* run."""
-        while worker.running < worker.slots and self._takes_more(worker):
+        ahead = self.policy.lookahead  # the worker's prefetch keeps that many beyond its slots
+        while (worker.running < worker.slots or len(worker.line) < ahead) and self._takes_more(worker):
             for position, queue in enumerate(worker.queues):
                 if self.queues[queue]:
                     worker.queues.append(worker.queues.pop(position))  # kombu's round robin
@@ -262,13 +263,13 @@ class Simulation:
         (and the policy runs on the line, as it may be backfilled at once), or is rerouted."""
         self.delivered[job] = queue
         self.in_flight[queue] += 1
-        if not worker.line:
-            if self._decide(worker, job):
+        if not worker.line:  # with a lookahead it joins the line, which picks what starts
+            if not self.policy.lookahead and self._decide(worker, job):
                 return
             worker.held_since = self.now
         self.arrived[job] = self.now
         worker.line.append(job)
-        if len(worker.line) > 1:
+        if len(worker.line) > 1 or self.policy.lookahead:
             self._run_line(worker)
 
     def _run_line(self, worker: Worker) -> None:

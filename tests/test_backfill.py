@@ -92,6 +92,25 @@ def test_the_window_and_the_free_pool_slots_bound_what_starts():
     assert play(line_of(*jobs), free=10, backfill_window=3) == ["s0", "s1", "s2"]
 
 
+def test_with_a_lookahead_the_largest_that_fits_starts_even_when_the_head_fits():
+    jobs = (("head", 4, 6), ("big", 16, 6), ("mid", 8, 6))
+    one_slot = {"slots": 1}
+
+    def pick(line, **policy):
+        gpu = Gpu(20)
+        started = start_from_line(line, gpu.admit, policy.pop("now", 1.0), LinePolicy(**policy),
+                                  since=lambda j: 0.0, size=lambda j: j[1], priority=lambda j: j[2], **one_slot)
+        return [j[0] for j in started]
+
+    assert pick(line_of(*jobs)) == ["head"]  # no lookahead: the oldest first when it fits
+    assert pick(line_of(*jobs), lookahead=2) == ["big"]  # the largest that fits
+    assert pick(line_of(*jobs), lookahead=2, now=30.0, max_head_wait_s=30) == ["head"]  # a head past its limit
+    low = int(Priority.LOW)
+    assert pick(line_of(("head", 4, 6), ("big", 16, low)), lookahead=2) == ["head"]  # never past a more urgent one
+    with pytest.raises(ValueError, match="lookahead 9 must lie within 0 and backfill_window"):
+        LinePolicy(lookahead=9)
+
+
 def test_the_backfill_settings_are_checked_and_can_be_set_from_the_environment(tmp_path, monkeypatch):
     path = tmp_path / "hw.yaml"
     path.write_text("admission:\n  backfill: first_fit\n  max_head_wait_s: 12\n  backfill_window: 3\n")
@@ -104,6 +123,10 @@ def test_the_backfill_settings_are_checked_and_can_be_set_from_the_environment(t
     with pytest.raises(ConfigError, match="TASKMESH_BACKFILL: 'fastest' is not a backfill rule; use one of best_fit"):
         load_config(path)
     monkeypatch.delenv("TASKMESH_BACKFILL")
+    monkeypatch.setenv("TASKMESH_LOOKAHEAD", "4")
+    with pytest.raises(ConfigError, match="admission.lookahead: 4 is more than backfill_window"):
+        load_config(path)  # the window is 0 here
+    monkeypatch.delenv("TASKMESH_LOOKAHEAD")
     path.write_text("admission:\n  backfill_window: -1\n")
     with pytest.raises(ConfigError, match="admission.backfill_window.*-1 is not a whole number >= 0"):
         load_config(path)
@@ -173,15 +196,16 @@ LABELS = "abcdef"
 SIZES = {"ten_gib": 10, "twenty_gib": 20, "two_gib": 2}
 
 
-def simulated_starts(broker_url: str, rule: str) -> list[set[str]]:
-    """The simulator's start order for SEQUENCE: labels grouped by start time."""
+def simulated_starts(broker_url: str, rule: str, sequence=SEQUENCE, slots: int = 4,
+                     lookahead: int = 0) -> list[set[str]]:
+    """The simulator's start order for *sequence*: labels grouped by start time."""
     redis.Redis.from_url(broker_url).flushall()
     names = sorted(SIZES)
     reqs = [Requirement.from_options(n, {"profile": "gpu", "vram": f"{SIZES[n]}GiB"}) for n in names]
-    jobs = [(names.index(task), seconds) for task, seconds in SEQUENCE]
+    jobs = [(names.index(task), seconds) for task, seconds in sequence]
     ledger = MemoryLedger(ttl_s=SIM_TTL_S)
-    sim = Simulation([Host("agree", "l4", "1x24GiB")], reqs, jobs, ledger, broker_url, slots=4, record=True,
-                     policy=LinePolicy(rule))
+    sim = Simulation([Host("agree", "l4", "1x24GiB")], reqs, jobs, ledger, broker_url, slots=slots, record=True,
+                     policy=LinePolicy(rule, lookahead=lookahead))
     ledger.clock = lambda: sim.now
     sim.run()
     groups: dict[float, set[str]] = collections.defaultdict(set)
@@ -205,4 +229,26 @@ def test_the_simulator_and_a_real_worker_start_the_same_tasks_in_the_same_order(
     sizes = [len(group) for group in expected]  # tasks started at one instant may reach Redis in any order
     starts = [set(order[sum(sizes[:i]):sum(sizes[:i + 1])]) for i in range(len(sizes))]
     assert starts == expected, order
+    wait_until(lambda: all_acknowledged(broker), "every message acknowledged", 10)
+
+
+#: One slot: while 'a' runs, 'b' (2 GiB) and 'c' (20 GiB) wait. Without a lookahead the worker
+#: fetches only what its slot takes, so 'b' runs next; with one it holds both and starts the
+#: largest that fits, 'c'.
+AHEAD = (("two_gib", 3.0), ("two_gib", 1.0), ("twenty_gib", 1.0))
+
+
+@pytest.mark.slow
+def test_with_a_lookahead_the_simulator_and_a_real_worker_start_the_largest_that_fits_next(
+        gpu_app, broker, broker_url, processes):
+    expected = simulated_starts(broker_url, "best_fit", AHEAD, slots=1, lookahead=2)
+    assert expected == [{"a"}, {"c"}, {"b"}]
+    assert simulated_starts(broker_url, "best_fit", AHEAD, slots=1) == [{"a"}, {"b"}, {"c"}]  # it can tell
+    broker.flushall()
+    start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_GPU_SLOTS="1", TASKMESH_LOOKAHEAD="2")
+    results = {getattr(gpu_app, task).delay(seconds, label=label).id: label
+               for (task, seconds), label in zip(AHEAD, "abc", strict=True)}
+    for result_id in results:
+        gpu_app.app.AsyncResult(result_id).get(timeout=60)
+    assert [{results[r]} for r in ran(broker, gpu_app)] == expected
     wait_until(lambda: all_acknowledged(broker), "every message acknowledged", 10)

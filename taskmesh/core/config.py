@@ -62,10 +62,11 @@ class AdmissionConfig:
     backfill: str = "best_fit"  # which held message starts in a gap behind the waiting head (core.held_line)
     max_head_wait_s: float = 30.0  # once the head has waited this long, nothing more is backfilled
     backfill_window: int = 8  # how many held messages behind the head may be backfilled (0: none)
+    lookahead: int = 0  # messages kept beyond the pool's slots to pick the best fit from (core.held_line)
 
     def line_policy(self) -> LinePolicy:
         """The held-line policy these settings ask for (the worker and the simulator use it)."""
-        return LinePolicy(self.backfill, self.max_head_wait_s, self.backfill_window)
+        return LinePolicy(self.backfill, self.max_head_wait_s, self.backfill_window, self.lookahead)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,11 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
     if remembered < ttl:
         raise ConfigError(source, "admission.registry_memory_s", f"{remembered:g} is shorter than reservation_ttl_s "
                           f"({ttl:g} s): live workers' hardware would be forgotten", "use 86400 (a day, the default)")
+    window = admission.get("backfill_window", AdmissionConfig.backfill_window)
+    if admission.get("lookahead", 0) > window:
+        raise ConfigError(source, "admission.lookahead", f"{admission['lookahead']} is more than backfill_window "
+                          f"({window}): the held line only looks that far", "use a lookahead of at most "
+                          "backfill_window, or raise backfill_window")
     return Config(
         source=source,
         default_profile=data.get("default_profile", Profile.IO_BOUND),

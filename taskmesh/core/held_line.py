@@ -11,6 +11,12 @@ large task no longer idles every other slot on its GPU. Two bounds keep that hon
   priority (a lower Celery number: ``Priority.CRITICAL`` is 0, ``LOW`` 9), so a
   CRITICAL task is never overtaken by a LOW one.
 
+With a ``lookahead`` of N, a worker also keeps up to N messages that would fit but find
+no free pool slot, and the head is one of the candidates too while it has waited less
+than the age limit: when a slot frees, the rule picks among all of them (best_fit: the
+largest that fits) rather than starting the oldest. It packs closer (README "Backfill"
+has the figures) at the price of a worker holding N messages another worker could run.
+
 Among the messages allowed, the *rule* says which to try first: ``best_fit`` the
 largest (the one that fits leaves the least memory idle; the default, see README
 "Backfill" for the figures), ``smallest_fit`` the smallest, ``first_fit`` the oldest,
@@ -44,10 +50,18 @@ class LinePolicy:
     rule: str = "best_fit"
     max_head_wait_s: float = 30.0
     backfill_window: int = 8
+    lookahead: int = 0
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"{self.rule!r} is not a backfill rule; use one of {', '.join(RULES)}")
+        if not 0 <= self.lookahead <= self.backfill_window:
+            raise ValueError(f"lookahead {self.lookahead} must lie within 0 and backfill_window "
+                             f"({self.backfill_window})")
+
+    def looks_ahead(self, head_waited_s: float) -> bool:
+        """Is the head itself one of the candidates (rather than started first when it fits)?"""
+        return self.lookahead > 0 and self.rule != "strict" and head_waited_s < self.max_head_wait_s
 
     def backfills(self, head_waited_s: float) -> bool:
         """May messages behind a head that has waited *head_waited_s* start now?"""
@@ -81,13 +95,14 @@ def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now:
     asked at most once per call: what the gate refused stays refused while the messages
     started meanwhile only take more room.
     """
-    started = start_in_order(line, admit, slots)
+    ahead = bool(line) and policy.looks_ahead(now - since(line[0]))
+    started = [] if ahead else start_in_order(line, admit, slots)
     if not line or len(started) >= slots or not policy.backfills(now - since(line[0])):
         return started
-    window = list(itertools.islice(line, 1, 1 + policy.backfill_window))
+    window = list(itertools.islice(line, 0 if ahead else 1, 1 + policy.backfill_window))
     refused: set[int] = set()
-    while True:
-        candidates = _allowed(line[0], window, refused, priority)
+    while line:
+        candidates = _allowed(line[0], window, refused, priority, head_first=not ahead)
         if policy.rule == "best_fit":
             candidates.sort(key=size, reverse=True)  # stable: the older of two equal sizes first
         elif policy.rule == "smallest_fit":
@@ -103,11 +118,14 @@ def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now:
             refused.add(id(item))
         else:
             return started
+    return started
 
 
-def _allowed(head: T, window: list[T], refused: set[int], priority: Callable[[T], int]) -> list[T]:
-    """Messages of *window* not refused yet and of no lower priority than any still waiting ahead of them."""
-    allowed, most_urgent = [], priority(head)
+def _allowed(head: T, window: list[T], refused: set[int], priority: Callable[[T], int],
+             head_first: bool = True) -> list[T]:
+    """Messages of *window* not refused yet and of no lower priority than any still waiting ahead of them
+    (the head among them unless *head_first*: it was asked already)."""
+    allowed, most_urgent = [], priority(head) if head_first else math.inf
     for item in window:
         urgency = priority(item)
         if urgency <= most_urgent and id(item) not in refused:

@@ -89,7 +89,7 @@ class AdmissionController:
             requirement = getattr(task, "requirement", None) or requirement
         self.arrived(message)
         held = Held(message, proceed, requirement, time.monotonic() if since is None else since, give_back)
-        if self.held or self._blocked():
+        if self.held or self._blocked() or self.policy.lookahead:  # lookahead: the line picks, not arrival
             self._hold(held, backfill=True)
             return
         if not self._try(held):
@@ -246,7 +246,8 @@ class AdmissionController:
         return any(kind not in NOT_PAUSING for kind in self.reasons)
 
     def _update_intake(self) -> None:
-        self.intake.hold_slots(len(self.held))  # a held message fills a prefetch slot: see the one behind it
+        # a held message fills a prefetch slot: see the one behind it (and keep ``lookahead`` more)
+        self.intake.hold_slots(max(len(self.held), self.policy.lookahead))
         if self.intake.update(not takes_more(self.held, self.policy) or self._blocked(), self.reasons):
             self.counters["pauses"] += 1
 
