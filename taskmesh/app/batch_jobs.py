@@ -19,13 +19,20 @@ from typing import Any
 from celery.utils import uuid
 
 from taskmesh.core.errors import TaskmeshError
+from taskmesh.core.headers import BATCH_HEADER
+from taskmesh.core.need_queues import EXCLUSIVE_QUEUE
 from taskmesh.state.batches import create_job, job, job_progress, mark_cancelled, newest_jobs, result_states
+from taskmesh.state.exclusive import ExclusiveBatches
 
 NOT_STARTED = ("PENDING", "RECEIVED", "RETRY")
 
 
 class UnknownBatch(TaskmeshError):
     """No batch job under this id (a typo, or it expired with its results)."""
+
+
+class ExclusiveRefused(TaskmeshError):
+    """``submit_batch(exclusive=True)`` cannot start: not a GPU task, or another exclusive batch runs."""
 
 
 def _keep_s(app: Any) -> int:
@@ -35,18 +42,38 @@ def _keep_s(app: Any) -> int:
     return int(expires or 86400)
 
 
-def submit_batch(task: Any, items: Iterable[Any], **options: Any) -> str:
+def submit_batch(task: Any, items: Iterable[Any], exclusive: bool = False, reload_after: bool = True,
+                 **options: Any) -> str:
     """Send one call of *task* per item (the item is its one argument); returns the batch id.
 
     *options* are ``apply_async``'s (``priority``, ``queue``, ``countdown`` ...), for every item.
+    ``exclusive=True`` (a GPU task) gives the batch every GPU: GPU workers stop starting other
+    GPU work (it waits in its queues), let what runs finish, unload their models, run the
+    batch, then load again the models that were warm (``reload_after``) and go back to the rest.
     """
     items = list(items)
     batch_id = uuid()
     task_ids = [uuid() for _ in items]
+    if exclusive:
+        options = _exclusive_options(task, batch_id, len(items), reload_after, options)
     create_job(task.app.redis(), batch_id, task.name, task_ids, _keep_s(task.app))
     for task_id, item in zip(task_ids, items, strict=True):
         task.apply_async((item,), task_id=task_id, **options)
     return batch_id
+
+
+def _exclusive_options(task: Any, batch_id: str, total: int, reload_after: bool,
+                       options: dict[str, Any]) -> dict[str, Any]:
+    requirement = getattr(task, "requirement", None)
+    if requirement is None or not requirement.needs_gpu:
+        raise ExclusiveRefused(f"submit_batch({task.name}, exclusive=True): only a GPU task can have every GPU; "
+                               "declare it with profile='gpu', or leave exclusive out")
+    running = ExclusiveBatches(task.app.redis()).begin(batch_id, task.name, total, reload_after)
+    if running is not None:
+        raise ExclusiveRefused(f"exclusive batch {running} is running: one at a time; wait for it "
+                               f"(taskmesh batch status {running}) or cancel it")
+    headers = {**(options.get("headers") or {}), BATCH_HEADER: batch_id}
+    return {**options, "queue": EXCLUSIVE_QUEUE, "headers": headers}
 
 
 def _job(app: Any, batch_id: str) -> tuple[dict[str, str], list[str], list[str]]:
@@ -62,7 +89,8 @@ def _job(app: Any, batch_id: str) -> tuple[dict[str, str], list[str], list[str]]
 def batch_status(app: Any, batch_id: str) -> dict[str, Any]:
     """total, done, failed, revoked, progress (0..1), elapsed_s and eta_s (``None`` until one item ended)."""
     record, _, states = _job(app, batch_id)
-    return {"id": batch_id, **job_progress(record, states)}
+    exclusive = (ExclusiveBatches(app.redis()).current() or {}).get("batch") == batch_id
+    return {"id": batch_id, **job_progress(record, states), "exclusive": exclusive}
 
 
 def recent_batches(app: Any, count: int = 3) -> list[dict[str, Any]]:

@@ -53,6 +53,13 @@ def declare_model(app: Any, name: str, vram: Any, load_s: float | None = None, n
     def register(loader: Callable[[], Any]) -> DeclaredModel:
         declared = DeclaredModel(spec, loader, unloader)
         declared_models(app)[name] = declared
+
+        def warm_up() -> None:
+            """Nothing: admission reserves the model and the pool process loads it (an exclusive
+            batch's ``reload_after`` sends this to load again what was warm)."""
+
+        app.task(name=f"taskmesh.warm.{name}", profile="gpu", model=name, ignore_result=True, shared=False,
+                 time_limit=3600)(warm_up)
         return declared
 
     return register

@@ -15,6 +15,7 @@ REQUIREMENT_HEADER = "taskmesh"  # the task's Requirement, as Requirement.to_hea
 ENQUEUED_AT = "taskmesh_enqueued_at"  # time.time() at submit: the age of what waits
 GPUS_HEADER = "taskmesh_gpus"  # set by the worker on admission: the UUIDs of the GPUs given to the run
 FALLBACK_HEADER = "taskmesh_fallback_from"  # the queue a fallback move took the message from
+BATCH_HEADER = "taskmesh_batch"  # the exclusive batch job an item belongs to (submit_batch(exclusive=True))
 WARM_HEADER = "taskmesh_warm"  # set on admission of a task for a declared model: its reservation id,
 # the model memory it carries ("claim"), and the idle models its process must unload first ("evict")
 

@@ -31,6 +31,11 @@ def need_queue(requirement: Requirement) -> str:
     return ".".join(parts)
 
 
+#: Where the items of an exclusive batch job wait (``submit_batch(exclusive=True)``): every
+#: GPU worker consumes it always, and only it while the batch runs.
+EXCLUSIVE_QUEUE = "gpu.exclusive"
+
+
 def family(queue: str) -> str:
     """The profile queue a queue belongs to (``gpu.40960MiB`` belongs to ``gpu``)."""
     return queue.split(".", 1)[0] if queue.startswith("gpu.") else queue

@@ -23,6 +23,7 @@ from taskmesh.app.progress import eta_s
 from taskmesh.core.nodes import group_of, kind_of
 from taskmesh.core.records import WorkerRecord
 from taskmesh.state.batches import batch_stats
+from taskmesh.state.exclusive import ExclusiveBatches
 from taskmesh.state.keys import ALERTS, COUNTERS, NEED_QUEUES, PROGRESS, STATES
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
 from taskmesh.state.models import ModelStore
@@ -96,6 +97,7 @@ def collect_status(app: Any, now: float | None = None) -> dict[str, Any]:
         "models": ModelStore(client).summary(),
         "batches": _batches(batch_stats(client)),
         "batch_jobs": recent_batches(app),
+        "mode": {"exclusive": ExclusiveBatches(client).current()},
     }
 
 

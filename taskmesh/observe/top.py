@@ -91,7 +91,9 @@ def _batches(status: dict[str, Any]) -> RenderableType:
     lines = [f"{task}: {seen['calls']} calls, {seen['mean_size']} items each, fill wait "
              f"{seen['mean_fill_wait_s'] * 1000:.0f} ms, {seen['items_per_s'] or '-'} items/s"
              for task, seen in (status.get("batches") or {}).items()]
-    lines += [f"job {job['id'][:8]} {job['task']}: {job['total'] - job['running_or_waiting']}/{job['total']} ended "
+    exclusive = ((status.get("mode") or {}).get("exclusive") or {}).get("batch")
+    lines += [("Mode: BATCH (exclusive) | " if job["id"] == exclusive else "")
+              + f"job {job['id'][:8]} {job['task']}: {job['total'] - job['running_or_waiting']}/{job['total']} ended "
               f"({job['progress']:.0%}), {job['failed']} failed, eta {_duration(job['eta_s'])}"
               + (" (cancelled)" if job["cancelled"] else "")
               for job in status.get("batch_jobs") or ()]

@@ -38,6 +38,10 @@ MODEL_LOAD_S = "taskmesh:model-load-s"  # model → learned load time (EWMA, sec
 MODEL_LOADS = "taskmesh:model-loads"  # "<model>:count" / "<model>:seconds": loads done and time spent
 EVICTIONS = "taskmesh:evictions"  # list, newest first: each eviction decision and its reason (JSON)
 
+EXCLUSIVE = "taskmesh:exclusive"  # the batch id of the exclusive batch running now (a lease: it expires)
+EXCLUSIVE_INFO = "taskmesh:exclusive:info"  # batch id → JSON: its task, total, when it began, reload_after
+EXCLUSIVE_WARM = "taskmesh:exclusive:warm:"  # + batch id: hash node → JSON list of the models warm there at entry
+
 # --- micro-batching, batch jobs and result caching ---
 BATCH_JOB_PREFIX = "taskmesh:batch:"  # + batch id: hash task, total, created, cancelled; + ":ids": its task ids
 BATCH_JOBS = "taskmesh:batch-jobs"  # zset: batch id → when it was submitted (the newest are shown by top)

@@ -31,6 +31,7 @@ from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
 from taskmesh.hardware.inventory import gpu_problem
 from taskmesh.hardware.pressure import host_pressure
 from taskmesh.state.registry import Registry
+from taskmesh.worker.exclusive import ExclusiveFollower
 from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_need_queues
 from taskmesh.worker.held import Held, Running, expired, start_held, takes_more
 from taskmesh.worker.intake import Intake
@@ -42,7 +43,7 @@ from taskmesh.worker.warm import WarmModels
 
 log = logging.getLogger(__name__)
 RECONCILE_AFTER_S = 2.0
-NOT_PAUSING = ("waiting", "no_gpu")  # reasons that do not stop the worker's whole intake
+NOT_PAUSING = ("waiting", "no_gpu", "exclusive")  # reasons that do not stop the worker's whole intake
 
 
 class AdmissionController:
@@ -70,6 +71,7 @@ class AdmissionController:
         self.policy = gate.config.line_policy()
         self.no_gpu = None if gate.known else gpu_problem(gate.provider, gate.gpu_uuids) or "no GPU found"
         self.warm = WarmModels(self)  # declared models: what the pool processes hold, eviction
+        self.exclusive = ExclusiveFollower(self)  # an exclusive batch job, while one has every GPU
 
     # --- messages -------------------------------------------------------------------
 
@@ -89,6 +91,9 @@ class AdmissionController:
             requirement = getattr(task, "requirement", None) or requirement
         self.arrived(message)
         held = Held(message, proceed, requirement, time.monotonic() if since is None else since, give_back)
+        if self.exclusive.holds_back(message, requirement):  # fetched as the batch began: back to its queue
+            self._give_back([held], "an exclusive batch has every GPU")
+            return
         if self.held or self._blocked() or self.policy.lookahead:  # lookahead: the line picks, not arrival
             self._hold(held, backfill=True)
             return
@@ -150,7 +155,7 @@ class AdmissionController:
         self.held.append(held)
         self.counters["held"] += 1
         if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
-            self._requeue_held("this worker's GPUs are unhealthy")
+            self.requeue_held("this worker's GPUs are unhealthy")
         if backfill and not self._blocked():  # behind a waiting head, it may start in a gap now
             start_held(self.held, self._try, self.policy, self._free_slots())
         self._update_intake()
@@ -201,15 +206,19 @@ class AdmissionController:
         options = self.consumer.app.conf.broker_transport_options or {}
         limit = float(options.get("visibility_timeout", 3600)) / 2
         if self.held and time.monotonic() - self.held[0].since > limit:
-            self._requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
+            self.requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
 
-    def _requeue_held(self, why: str) -> None:
-        if self.held:  # in one step, or a fetch meanwhile (intake is open while backfilling) would reorder it
-            put_back_line([held.message for held in self.held])  # Redis unreachable: all stay held, for ``let_go``
-        while self.held:
-            held = self.held[-1]
+    def requeue_held(self, why: str) -> None:
+        """Hand the whole held line back to the front of its queues, in order."""
+        self._give_back(self.held, why)
+
+    def _give_back(self, line: Any, why: str) -> None:
+        if line:  # in one step, or a fetch meanwhile (intake is open while backfilling) would reorder it
+            put_back_line([held.message for held in line])  # Redis unreachable: all stay held, for ``let_go``
+        while line:
+            held = line[-1]
             held.give_back(restore=False)
-            self.held.pop()
+            line.pop()
             with self.lock:
                 self.tags.pop(held.message.headers.get("id"), None)
             self.counters["requeued"] += 1
@@ -256,6 +265,7 @@ class AdmissionController:
     def tick(self) -> None:
         """Every half second on the event loop: health, pressure, the held line, leftovers."""
         self.check()
+        self.exclusive.tick()
         self._requeue_before_redelivery()
         self.retry_held()
         self._reconcile()
@@ -269,7 +279,7 @@ class AdmissionController:
             if unhealthy and len(unhealthy) == len(self.gate.known):
                 if "unhealthy" not in self.reasons:
                     self.reasons["unhealthy"] = ", ".join(f"GPU {g.index} ({g.uuid})" for g in unhealthy)
-                    self._requeue_held("this worker's GPUs are unhealthy")
+                    self.requeue_held("this worker's GPUs are unhealthy")
             else:
                 self.reasons.pop("unhealthy", None)
             subscribe_need_queues(self)

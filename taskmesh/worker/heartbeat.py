@@ -107,6 +107,8 @@ class Heartbeat:
         recreated = self.refresh()
         for refresh in self.refreshers:
             refresh()
+        if c.gate.known:  # a GPU worker: follow an exclusive batch
+            c.exclusive.poll()
         c.lease.holds(sent_at)
         if lost:
             log.warning("this worker's lease was lost (%s): it took no new work until it announced itself again "

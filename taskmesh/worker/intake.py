@@ -5,7 +5,8 @@ behind the head is full, its head has waited past ``admission.max_head_wait_s``,
 rule is ``strict``), or the GPUs are unhealthy, or the host is under pressure, the
 worker stops consuming every queue
 (``cancel_task_queue``) and starts again when nothing holds it back
-(``add_task_queue``); nothing is requeued in a loop and nothing runs twice. Queues
+(``add_task_queue``); nothing is requeued in a loop and nothing runs twice. While an
+exclusive batch runs, it consumes that batch's queue alone (``only``, ``restore``). Queues
 added meanwhile — the rebalancer's assist queue, a need queue this worker's GPUs can
 serve — join the paused set, so a pause is never undone by the side door.
 
@@ -31,6 +32,7 @@ class Intake:
         self.assist: str | None = None  # the extra queue the rebalancer asked this worker to serve
         self.extra_prefetch = 0  # prefetch slots added for held messages, on the QoS object below
         self.qos: Any = None
+        self.set_aside: list[str] | None = None  # while one queue is consumed alone: the others, to restore
 
     @property
     def paused(self) -> bool:
@@ -40,7 +42,7 @@ class Intake:
         """Every queue this worker takes from when not paused."""
         consumer = self.consumer.task_consumer
         queues = tuple(q.name for q in consumer.queues) if consumer else ()
-        return tuple(sorted(set(queues) | set(self.paused_queues)))
+        return tuple(sorted(set(queues) | set(self.paused_queues) | set(self.set_aside or ())))
 
     def update(self, should_pause: bool, why: Any) -> bool:
         """Pause or resume as *should_pause* says; ``True`` when this call paused."""
@@ -72,9 +74,31 @@ class Intake:
             qos.decrement_eventually(self.extra_prefetch - held)
         self.extra_prefetch = held
 
-    def add(self, queue: str) -> None:
-        """Consume *queue* too, honouring a pause."""
+    def only(self, queue: str) -> None:
+        """Consume *queue* alone (an exclusive batch) until ``restore``; a pause in force covers it."""
+        others = [q for q in self.consumed() if q != queue]
+        for name in others:
+            if name not in self.paused_queues:
+                self.consumer.cancel_task_queue(name)
+        self.set_aside = others
         if self.paused_queues:
+            self.paused_queues = [queue]
+        else:
+            self.consumer.add_task_queue(queue)
+        log.info("consuming %s alone (set aside: %s)", queue, others)
+
+    def restore(self) -> None:
+        """Consume again what ``only`` set aside, honouring a pause."""
+        others, self.set_aside = self.set_aside or [], None
+        for name in others:
+            self.add(name)
+        log.info("consuming %s again", others)
+
+    def add(self, queue: str) -> None:
+        """Consume *queue* too, honouring a pause (and a queue consumed alone)."""
+        if self.set_aside is not None:
+            self.set_aside.append(queue)
+        elif self.paused_queues:
             self.paused_queues.append(queue)
         else:
             self.consumer.add_task_queue(queue)

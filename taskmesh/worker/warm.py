@@ -35,6 +35,7 @@ from taskmesh.core.models import (
     DEFAULT_RUN_S,
     IDLE,
     READY,
+    Eviction,
     ModelSpec,
     WarmModel,
     plan_eviction,
@@ -110,6 +111,13 @@ class WarmModels:
         if not self.specs or not requirement.needs_gpu:
             return self.c.gate.decide(requirement, reservation)
         entries = self.read()
+        if requirement.model is None and self.c.exclusive.owns(held.message) and any(
+                e["models"] for e in entries.values()):  # an exclusive batch's item unloads every model first
+            decision, evict = self._maybe_evict(held, requirement, reservation, entries, Wait("models to unload"),
+                                                forced=True)
+            if evict:
+                held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": 0, "evict": evict}
+                return decision
         tried: list[tuple[Any, int, Decision]] = []
         for choice in self._choices(requirement, entries):  # one, or model=[...]'s, warm ones first
             claim = self._claim(choice.model, entries)
@@ -147,7 +155,9 @@ class WarmModels:
         return 0 if holders >= len(self._live_pids()) else spec.vram_mib
 
     def _maybe_evict(self, held: Any, requirement: Any, reservation: str, entries: dict[int, dict[str, Any]],
-                     waited: Wait) -> tuple[Decision, list[tuple[str, int]]]:
+                     waited: Wait, forced: bool = False) -> tuple[Decision, list[tuple[str, int]]]:
+        """Evict idle warm models for *held* when the rule says so (*forced*: all of them, for an
+        exclusive batch); only where one process holds the models and nothing runs."""
         c = self.c
         if requirement.gpus != 1 or len(self._live_pids()) != 1 or c.reservations or len(entries) != 1:
             return waited, []
@@ -168,7 +178,8 @@ class WarmModels:
                 for name, m in entry["models"].items()]
         line = [held] + [h for h in c.held if h is not held]
         waiting_s = self._waiting_s(line, held, set(entry["models"]))
-        plan = plan_eviction(short, idle, waiting_s)
+        plan = Eviction(tuple(idle), "an exclusive batch has the GPU") if forced else plan_eviction(
+            short, idle, waiting_s)
         task_id = held.message.headers.get("id")
         seen = (tuple(sorted(m.holder for m in idle)), plan.evicts)
         if seen not in self.recorded:

@@ -81,8 +81,17 @@ def use_broken() -> dict[str, Any]:
 @app.task(profile="gpu", vram="16GiB", time_limit=120)
 def plain(seconds: float = 0.05) -> dict[str, Any]:
     """No model: 16 GiB of its own, which an idle warm model may be holding."""
+    started = time.time()
     time.sleep(seconds)
-    return {"gpus": list(current_placement().gpu_uuids)}
+    return {"gpus": list(current_placement().gpu_uuids), "started": started, "ended": time.time()}
+
+
+@app.task(profile="gpu", vram="4GiB", time_limit=120)
+def frame(seconds: float) -> dict[str, Any]:
+    """An item of an exclusive batch (a video frame to transcribe, say)."""
+    started = time.time()
+    time.sleep(seconds)
+    return {"gpus": list(current_placement().gpu_uuids), "started": started, "ended": time.time()}
 
 
 @app.task(profile="gpu", vram="1GiB", model=["large", "small"], time_limit=120)
