@@ -24,7 +24,7 @@ import logging
 from typing import Any
 
 from taskmesh.core.headers import BATCH_HEADER
-from taskmesh.core.need_queues import EXCLUSIVE_QUEUE
+from taskmesh.core.need_queues import EXCLUSIVE_QUEUE, family
 from taskmesh.state.batches import job, job_progress, result_states
 from taskmesh.state.exclusive import ExclusiveBatches
 
@@ -71,6 +71,10 @@ class ExclusiveFollower:
     # --- event loop ------------------------------------------------------------------
 
     def tick(self) -> None:
+        c = self.c
+        consumed = c.intake.consumed()
+        if c.gate.known and EXCLUSIVE_QUEUE not in consumed and any(family(q) == "gpu" for q in consumed):
+            c.intake.add(EXCLUSIVE_QUEUE)  # always: items left when a mode's lease lapsed still run
         batch = self.seen["batch"] if self.seen else None
         if batch == self.active:
             return
