@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
+from taskmesh import QueueFull, create_app
 from taskmesh.core.claims import gpu_pool
 from taskmesh.core.profiles import Priority
 from taskmesh.hardware.simulated import SimulatedProvider
@@ -31,6 +32,7 @@ from taskmesh.state.ledger import Ledger
 
 from .conftest import Processes, bind, wait_for_workers, wait_until
 from .test_admission import GIB, most_at_once, start_gpus, stats
+from .test_metrics import scrape, start_exporter
 from .test_status import taskmesh_cli
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -150,11 +152,22 @@ def test_two_10gib_tasks_on_a_16gib_gpu_are_admitted_one_at_a_time_and_the_ledge
 
 
 @pytest.mark.slow
-def test_critical_runs_before_low_when_both_wait_and_status_shows_them_waiting(on_rabbit, broker, processes):
+def test_critical_runs_before_low_when_both_wait_and_the_depth_shows_and_holds_back(on_rabbit, rabbitmq, broker_url,
+                                                                                    broker, processes, tmp_path):
     low = [on_rabbit.two_gib.apply_async((0.2,), {"label": f"low{i}"}, priority=Priority.LOW) for i in range(2)]
     critical = on_rabbit.two_gib.apply_async((0.2,), {"label": "critical"}, priority=Priority.CRITICAL)
     normal = on_rabbit.two_gib.apply_async((0.2,), {"label": "normal"}, priority="NORMAL")
     assert waiting("gpu") == 4  # RabbitMQ's count, from a passive declare
+    assert scrape(start_exporter(processes)).value("taskmesh_queue_waiting", queue="gpu") == 4
+    (tmp_path / "full.yaml").write_text("queues:\n  gpu:\n    max_depth: 4\n")
+    full = create_app("producer", broker=rabbitmq, state=broker_url, hardware=str(tmp_path / "full.yaml"))
+
+    @full.task(name=on_rabbit.two_gib.name, profile="gpu", vram="2GiB", shared=False)
+    def one_more() -> None:
+        return None
+
+    with pytest.raises(QueueFull, match="queue 'gpu' has 4 tasks waiting"):  # max_depth, from the same count
+        one_more.delay()
     start_gpus(processes, on_rabbit.app, "1x24GiB")
     for result in (critical, normal, *low):
         result.get(timeout=60)

@@ -16,7 +16,9 @@ Celery's app are extended:
 Defaults are those that long GPU tasks need and that Celery does not ship with:
 late acks, reject on worker loss, prefetch multiplier 1, JSON only, task events on
 (so Flower sees tasks without ``-E``), and a Redis visibility timeout derived from
-the longest declared time limit (``app.visibility``).
+the longest declared time limit (``app.visibility``). On a non-Redis broker (RabbitMQ),
+taskmesh's state and the results live in the Redis that ``state=`` or
+``TASKMESH_STATE_URL`` names (``state.client``).
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ A live worker whose broker connection dropped while Redis was down puts back its
 held messages with ``put_back`` (kombu could not restore them as the channel closed),
 and hands its held line back with ``put_back_line``. ``guard_restore`` keeps kombu's
 own restore at close from crashing the worker when Redis is gone.
+
+All of it is for kombu's Redis transport; on RabbitMQ, which redelivers unacknowledged
+messages itself, each step does nothing (``rabbitmq``).
 """
 
 from __future__ import annotations
