@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -25,9 +26,11 @@ from kombu import Connection
 
 from taskmesh import QueueFull, create_app
 from taskmesh.core.claims import gpu_pool
+from taskmesh.core.errors import ConfigError
 from taskmesh.core.profiles import Priority
-from taskmesh.hardware.simulated import SimulatedProvider
+from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
 from taskmesh.run.stack import free_port
+from taskmesh.state.client import state_client
 from taskmesh.state.ledger import Ledger
 
 from .conftest import Processes, bind, wait_for_workers, wait_until
@@ -186,3 +189,38 @@ def test_a_sigkilled_workers_task_is_delivered_again_by_rabbitmq_and_runs_to_the
     assert ran_again["label"] == "survivor" and ran_again["redelivered"]
     assert ran(broker, on_rabbit) == [result.id, result.id]
     wait_until(lambda: used(broker, spec) == 0, "the ledger back at 0 (the dead worker's reservation expired)", 15)
+
+
+@pytest.mark.slow
+def test_a_held_low_task_that_fits_does_not_overtake_a_held_critical_one(on_rabbit, broker, processes):
+    """The worker reads a delivered priority on taskmesh's scale: RabbitMQ's is turned over."""
+    (node,) = start_gpus(processes, on_rabbit.app, "1x24GiB", TASKMESH_GPU_SLOTS="4")
+    memory = SimulationControl(broker)
+    memory.use(0, 20 * GIB)
+    head = on_rabbit.ten_gib.apply_async((0.1,), {"label": "head"}, priority=Priority.CRITICAL)
+    wait_until(lambda: stats(on_rabbit.app, node)["held"] == 1, "the critical task was held")
+    low = on_rabbit.two_gib.apply_async((0.1,), {"label": "low"}, priority=Priority.LOW)
+    wait_until(lambda: stats(on_rabbit.app, node)["held"] == 2, "the low one was held behind it")
+    urgent = on_rabbit.two_gib.apply_async((0.1,), {"label": "urgent"}, priority=Priority.CRITICAL)
+    urgent.get(timeout=30)  # as urgent as the head: it may fill the gap, so the low one could have
+    assert ran(broker, on_rabbit) == [urgent.id] and stats(on_rabbit.app, node)["held"] == 2
+    memory.use(0, 0)
+    for result in (head, low):
+        result.get(timeout=30)
+    assert ran(broker, on_rabbit) == [urgent.id, head.id, low.id]
+    wait_until(lambda: waiting("gpu") == 0, "the queue drained", 10)
+
+
+def test_a_state_url_is_taskmeshs_redis_and_result_backend_with_its_own_tls_settings(monkeypatch):
+    monkeypatch.delenv("TASKMESH_STATE_URL", raising=False)
+    app = create_app("state-url", broker="amqp://guest:secret@127.0.0.1:1//",
+                     state="rediss://:pw@127.0.0.1:1/2?ssl_cert_reqs=CERT_NONE", broker_use_ssl={"ca_certs": "/x"})
+    assert app.conf.result_backend == app.conf.taskmesh_state_url
+    client = state_client(app)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["db"], kwargs["password"], kwargs["ssl_cert_reqs"]) == (2, "pw", ssl.CERT_NONE)
+    app.conf.taskmesh_state_url, app.conf.taskmesh_state_use_ssl = "redis://127.0.0.1:1/0", {"ssl_cert_reqs": "none"}
+    assert state_client(app).connection_pool.connection_kwargs["ssl_cert_reqs"] == ssl.CERT_NONE  # TLS turned on
+    app.conf.taskmesh_state_url = "redsi://127.0.0.1:1/0"
+    with pytest.raises(ConfigError, match="TASKMESH_STATE_URL: 'redsi://127.0.0.1:1/0' is not a Redis URL; set it"):
+        state_client(app)
