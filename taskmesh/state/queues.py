@@ -18,6 +18,9 @@ waits all the same: the oldest such per queue, as live workers announce it
 (``Registry.held_since``), counts for the age too, so a task held an hour shows its hour.
 The lists are read in one MULTI/EXEC round trip and the hash then by HSCAN, so a
 message delivered in between can be counted twice for that instant.
+
+On a RabbitMQ broker there are no such lists: ``app_queue_depths`` asks the broker
+(``amqp_depth``), and the fallback move does nothing.
 """
 
 from __future__ import annotations
