@@ -59,13 +59,15 @@ def broker_url(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return url
 
 
-def bind(module, broker_url: str):
+def bind(module, broker_url: str, state_url: str | None = None):
     """Point a test app module at *broker_url* (this session's Redis), with no state from another
     test. Celery keeps the connection pools and the result backend it made at first use, so a
-    test that pointed the app at another server (its own Redis, RabbitMQ) would leave them behind."""
+    test that pointed the app at another server (its own Redis, RabbitMQ) would leave them behind.
+    *state_url*: taskmesh's Redis (and the result backend) when the broker is not Redis."""
     app = module.app
     app.conf.broker_url = broker_url
-    app.conf.result_backend = broker_url
+    app.conf.taskmesh_state_url = state_url
+    app.conf.result_backend = state_url or broker_url
     app._pool = None
     if "amqp" in app.__dict__:
         app.amqp._producer_pool = None

@@ -16,7 +16,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from taskmesh.core.redact import redacted
-from taskmesh.state.client import broker_redis_url
+from taskmesh.state.client import STATE_ENV, broker_is_redis, broker_redis_url, state_redis_url
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
@@ -26,8 +26,11 @@ class BrokerUnreachable(OperationalError):
 
 
 def broker_unreachable(app: Any, exc: BaseException) -> BrokerUnreachable:
-    url = redacted(broker_redis_url(app) or str(app.conf.broker_url))
     reason = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+    if isinstance(exc, REDIS_DOWN) and not broker_is_redis(app):  # RabbitMQ's app: its state Redis is down
+        return BrokerUnreachable(f"cannot reach taskmesh's Redis at {redacted(state_redis_url(app))} ({reason}); "
+                                 f"nothing was sent: start it or point {STATE_ENV} at a running Redis")
+    url = redacted(broker_redis_url(app) or str(app.conf.broker_url))
     return BrokerUnreachable(
         f"cannot reach the broker at {url} ({reason}); nothing was sent: start it (taskmesh up) "
         "or point TASKMESH_BROKER_URL (or broker_url) at a running Redis"

@@ -16,7 +16,9 @@ Celery's app are extended:
 Defaults are those that long GPU tasks need and that Celery does not ship with:
 late acks, reject on worker loss, prefetch multiplier 1, JSON only, task events on
 (so Flower sees tasks without ``-E``), and a Redis visibility timeout derived from
-the longest declared time limit (``app.visibility``).
+the longest declared time limit (``app.visibility``). On a non-Redis broker (RabbitMQ),
+taskmesh's state and the results live in the Redis that ``state=`` or
+``TASKMESH_STATE_URL`` names (``state.client``).
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_ti
 from taskmesh.core.batching import BATCH_OPTIONS
 from taskmesh.core.config import Config, load_config, unknown_task_overrides
 from taskmesh.core.errors import ConfigError, RequirementError
-from taskmesh.core.profiles import QUEUES, Priority
+from taskmesh.core.profiles import MAX_PRIORITY, QUEUES, Priority
 from taskmesh.core.requirements import REQUIREMENT_OPTIONS, Requirement
 from taskmesh.hardware.inventory import Inventory, detect
-from taskmesh.state.client import broker_client
+from taskmesh.state.client import STATE_ENV, STATE_URL, broker_is_redis, state_client
 
 log = logging.getLogger(__name__)
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
@@ -119,8 +121,12 @@ class TaskmeshCelery(Celery):
     def redis(self) -> Any:
         """A Redis client for the broker, shared by this process's producer-side checks."""
         if getattr(self, "_redis", None) is None:
-            self._redis = broker_client(self)
+            self._redis = state_client(self)
         return self._redis
+
+    def broker_is_redis(self) -> bool:
+        """Whether the broker is Redis (else RabbitMQ: priorities turned over, depth by passive declare)."""
+        return broker_is_redis(self)
 
     def submit_policy(self) -> Any:
         """Checks done before a message is sent (backpressure, feasibility, fallback)."""
@@ -151,31 +157,41 @@ def create_app(
     main: str | None = None,
     broker: str | None = None,
     hardware: str | os.PathLike[str] | None = None,
+    state: str | None = None,
     **celery_conf: Any,
 ) -> TaskmeshCelery:
     """A Celery app with taskmesh's queues, router, task base and defaults.
 
     *broker*: the argument, else ``TASKMESH_BROKER_URL``, else ``taskmesh up``'s
     local Redis. *hardware*: a config path or name (see ``config.find_config_file``).
+    *state*: the Redis of taskmesh's ledger and registry, else ``TASKMESH_STATE_URL``, else
+    the broker's (a RabbitMQ broker needs one; it is the result backend too, unless given).
     Any other keyword is Celery configuration and wins over taskmesh's defaults;
     ``task_routes`` is merged instead: the user's routes first, then profile routing
     (``app.routing``).
     """
     config = load_config(hardware)
     broker_url = broker or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
+    state_url = state or os.environ.get(STATE_ENV) or None
+    redis_results = broker_url if broker_url.startswith(("redis://", "rediss://")) else state_url
     # current, as Celery(...) makes it: @shared_task proxies resolve to the current app
     app = TaskmeshCelery(main, broker=broker_url, task_cls=TaskmeshTask)
     app.taskmesh_config = config
     timeout = config.admission.visibility_timeout_s or MIN_VISIBILITY_TIMEOUT
     transport = {"priority_steps": [0, 3, 6, 9], "visibility_timeout": timeout}
+    # x-max-priority makes RabbitMQ order by priority (kombu's Redis transport ignores queue
+    # arguments); every queue Celery creates later (need queues) gets it from task_queue_max_priority.
+    priority_args = {"x-max-priority": MAX_PRIORITY}
     app.conf.update(
-        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q, queue_arguments=dict(priority_args))
+                     for q in QUEUES],
+        task_queue_max_priority=MAX_PRIORITY,
         task_default_queue=config.default_profile.queue,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        result_backend=broker_url if broker_url.startswith(("redis://", "rediss://")) else None,
+        result_backend=redis_results if str(redis_results or "").startswith(("redis://", "rediss://")) else None,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_retry_on_worker_lost=True,  # a task that kills its process retries max_retries times, not for ever
@@ -188,6 +204,7 @@ def create_app(
         broker_transport_options=dict(transport),
         result_backend_transport_options=dict(transport),
         visibility_timeout=timeout,
+        **{STATE_URL: state_url},
     )
     app.conf.update(celery_conf)
     app.visibility_timeout_is_explicit = bool(config.admission.visibility_timeout_s) or (

@@ -33,7 +33,7 @@ from celery.canvas import maybe_signature
 
 from taskmesh.app.routing import ROUTE_OPTION
 from taskmesh.core.headers import ENQUEUED_AT, REQUIREMENT_HEADER
-from taskmesh.core.profiles import Priority
+from taskmesh.core.profiles import Priority, amqp_priority
 from taskmesh.core.requirements import Requirement
 
 RETURNED = "taskmesh_returned"  # set on a worker request once its task body has returned or raised
@@ -61,6 +61,8 @@ def prepare_send(app: Any, name: str, task: Any, args: Any, kwargs: Any, options
     if requirement is not None:
         headers[REQUIREMENT_HEADER] = requirement.to_header()
     options["headers"] = headers
+    if not app.broker_is_redis():  # RabbitMQ runs the highest number first; workers turn it back
+        options["priority"] = amqp_priority(options["priority"])
     if requirement is None:
         return  # the worker, which has the task, finds its requirement there
     lenient = _lenient(app, options)

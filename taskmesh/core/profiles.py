@@ -9,6 +9,10 @@ keeps one list per step of ``[0, 3, 6, 9]``, so the four named levels are exactl
 those steps and never collapse into one list. Plain integers keep Celery's meaning
 (0-9, 0 first) so retries and code written for plain Celery behave as before; the
 original design's 1-5 scale (5 urgent) is spelled ``urgency=`` to stay unambiguous.
+
+RabbitMQ runs the *highest* number first (a queue declared with ``x-max-priority``):
+taskmesh keeps its own scale everywhere and turns it over only on the wire to and from
+a RabbitMQ broker (``amqp_priority``), so CRITICAL runs before LOW on both brokers.
 """
 
 from __future__ import annotations
@@ -86,6 +90,14 @@ class Priority(enum.IntEnum):
         if isinstance(urgency, int) and not isinstance(urgency, bool) and 1 <= urgency <= 5:
             return _URGENCY[urgency]
         raise ValueError(f"urgency {urgency!r} is not valid; use a whole number 1-5 (5 is urgent)")
+
+
+MAX_PRIORITY = 9  # Celery's range, and the x-max-priority taskmesh declares its queues with
+
+
+def amqp_priority(priority: int) -> int:
+    """A taskmesh priority as RabbitMQ orders it, and back: the mapping is its own inverse."""
+    return MAX_PRIORITY - max(0, min(MAX_PRIORITY, int(priority)))
 
 
 _URGENCY = {

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 
 from taskmesh.core.errors import TaskmeshError
 from taskmesh.observe.metrics import EVENT_FED, TaskmeshCollector
+from taskmesh.state.client import STATE_ENV, state_redis_url
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 9808
@@ -133,10 +134,9 @@ class TaskTimings:
 
 def serve(app: Any, port: int, address: str) -> None:
     """Serve ``/metrics`` until SIGTERM or SIGINT."""
-    url = str(app.conf.broker_url or "")
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ExporterError(f"the exporter reads a Redis broker; app {app.main!r} has none: set broker_url "
-                            "or TASKMESH_BROKER_URL to redis://HOST:PORT/0")
+    if not state_redis_url(app):
+        raise ExporterError(f"the exporter reads taskmesh's Redis; app {app.main!r} has none: set broker_url "
+                            f"or TASKMESH_BROKER_URL to redis://HOST:PORT/0 (on RabbitMQ: {STATE_ENV})")
     disable_created_metrics()
     registry = CollectorRegistry()
     registry.register(TaskmeshCollector(app))

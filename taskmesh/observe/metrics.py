@@ -30,7 +30,7 @@ from taskmesh.core.models import GPU_STATES
 from taskmesh.core.nodes import group_of, host_of
 from taskmesh.core.records import WorkerRecord
 from taskmesh.observe.batch_metrics import batch_families
-from taskmesh.state.client import broker_client
+from taskmesh.state.client import state_client
 from taskmesh.state.keys import ALERTS, COUNTERS
 from taskmesh.state.keys import REBALANCE_RUNS as REBALANCE_RUNS
 from taskmesh.state.models import ModelStore
@@ -133,7 +133,7 @@ class TaskmeshCollector:
 
     def __init__(self, app: Any, client: redis.Redis | None = None) -> None:
         self.app = app
-        self.client = client if client is not None else broker_client(app)
+        self.client = client if client is not None else state_client(app)
         admission = (getattr(app, "taskmesh_config", None) or load_config()).admission
         self.registry = Registry(self.client, alive_s=admission.reservation_ttl_s,
                                  memory_s=admission.registry_memory_s)

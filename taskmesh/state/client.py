@@ -1,9 +1,11 @@
-"""Redis clients for taskmesh's own state, made from an app's broker settings.
+"""Redis clients for taskmesh's own state, made from an app's settings.
 
-taskmesh keeps its ledger, registry and counters in the broker's Redis, so every
-client taskmesh opens is made here (``client_from_url``, or ``broker_client`` for an
+taskmesh keeps its ledger, registry, claims and counters in Redis: the broker's own
+Redis by default, or the one ``taskmesh_state_url`` names (``TASKMESH_STATE_URL``, or
+``create_app(state=...)``), which a non-Redis broker such as RabbitMQ needs. Every
+client taskmesh opens is made here (``client_from_url``, or ``state_client`` for an
 app): one place that knows the accepted URL schemes, what a failover list means, and
-how Celery spells authentication and TLS, so that taskmesh reaches the broker exactly
+how Celery spells authentication and TLS, so that taskmesh reaches its Redis exactly
 as Celery's own connections do:
 
 - a password and ACL user in the URL (``redis://user:password@host:port/0``);
@@ -13,7 +15,8 @@ as Celery's own connections do:
   itself rejects (it knows only ``required``/``optional``/``none``);
 - the ``broker_use_ssl`` setting (a dict of the same keys, values as strings or
   ``ssl.CERT_*``; ``True`` for the defaults), which turns TLS on for a ``redis://`` URL
-  too, as kombu does.
+  too, as kombu does. A separate state URL takes ``taskmesh_state_use_ssl`` instead
+  (``broker_use_ssl`` then belongs to the broker's own transport).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from taskmesh.core.errors import ConfigError
 from taskmesh.core.redact import redacted
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+STATE_ENV = "TASKMESH_STATE_URL"
+STATE_URL = "taskmesh_state_url"  # the app.conf keys: the state's Redis, and its TLS settings
+STATE_USE_SSL = "taskmesh_state_use_ssl"
 SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 CERT_REQS = {
     "cert_required": ssl.CERT_REQUIRED, "required": ssl.CERT_REQUIRED,
@@ -45,6 +51,17 @@ def broker_redis_url(app: Any) -> str:
         url = url[0] if url else None
     url = str(url or "").split(";")[0].strip()
     return url if url.startswith(REDIS_SCHEMES) else ""
+
+
+def broker_is_redis(app: Any) -> bool:
+    """Whether *app*'s broker is Redis, whose lists, unacked hash and restores taskmesh reads itself."""
+    return bool(broker_redis_url(app))
+
+
+def state_redis_url(app: Any) -> str:
+    """The Redis URL of taskmesh's state for *app*: ``taskmesh_state_url``, else the broker's
+    when it is Redis, else ``""``."""
+    return str(app.conf.get(STATE_URL) or "").strip() or broker_redis_url(app)
 
 
 def cert_reqs(value: Any) -> ssl.VerifyMode:
@@ -92,22 +109,29 @@ def client_from_url(url: str, use_ssl: Any = None, **kwargs: Any) -> redis.Redis
     return redis.Redis.from_url(plain, **tls, **kwargs)
 
 
-def broker_client(app: Any, **kwargs: Any) -> redis.Redis:
-    """A new client on *app*'s Redis broker; raises ``ConfigError`` (a ``ValueError``) naming
-    the fix otherwise: the command line prints it as one line, a typo such as ``redsi://``
-    included, rather than a traceback."""
-    url = broker_redis_url(app)
+def state_client(app: Any, **kwargs: Any) -> redis.Redis:
+    """A new client on the Redis of *app*'s state; raises ``ConfigError`` (a ``ValueError``)
+    naming the fix otherwise: the command line prints it as one line, a typo such as
+    ``redsi://`` included, rather than a traceback."""
+    explicit = str(app.conf.get(STATE_URL) or "").strip()
+    url = state_redis_url(app)
+    if explicit and not explicit.startswith(REDIS_SCHEMES):
+        raise ConfigError(f"app {app.main!r}", STATE_ENV, f"{redacted(explicit)!r} is not a Redis URL",
+                          "set it to redis://, rediss:// or unix://, e.g. redis://127.0.0.1:6379/0")
     if not url:
         given = redacted(str(app.conf.broker_url or "")) or "none"
         raise ConfigError(
             f"app {app.main!r}", "broker_url",
-            f"{given!r} is not a Redis URL; taskmesh needs a Redis broker (redis://, rediss://, unix://)",
-            "set TASKMESH_BROKER_URL or broker_url, e.g. redis://127.0.0.1:6379/0",
+            f"{given!r} is not a Redis URL and {STATE_ENV} is not set; taskmesh needs a Redis broker "
+            "(redis://, rediss://, unix://) or that setting for its state (GPU ledger, registry)",
+            f"set TASKMESH_BROKER_URL to redis://127.0.0.1:6379/0, or on RabbitMQ set {STATE_ENV} "
+            "(or create_app(state=...)) to a Redis URL",
         )
-    # Bounded as kombu bounds its own connects: without it a broker host that drops
-    # packets holds a producer's submit for the kernel's SYN retries (minutes).
+    # Bounded as kombu bounds its own connects: without it a host that drops packets
+    # holds a producer's submit for the kernel's SYN retries (minutes).
     kwargs.setdefault("socket_connect_timeout", app.conf.broker_connection_timeout)
-    return client_from_url(url, app.conf.broker_use_ssl, **kwargs)
+    use_ssl = app.conf.get(STATE_USE_SSL) if explicit else app.conf.broker_use_ssl
+    return client_from_url(url, use_ssl, **kwargs)
 
 
 def lua(name: str) -> str:

@@ -18,6 +18,9 @@ waits all the same: the oldest such per queue, as live workers announce it
 (``Registry.held_since``), counts for the age too, so a task held an hour shows its hour.
 The lists are read in one MULTI/EXEC round trip and the hash then by HSCAN, so a
 message delivered in between can be counted twice for that instant.
+
+On a RabbitMQ broker there are no such lists: ``app_queue_depths`` asks the broker
+(``amqp_depth``), and the fallback move does nothing.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import redis
 from celery import Celery
 
 from taskmesh.core.headers import FALLBACK_HEADER, REQUIREMENT_HEADER, enqueued_at
-from taskmesh.state.client import broker_client, lua
+from taskmesh.state.amqp_depth import amqp_waiting
+from taskmesh.state.client import broker_is_redis, lua, state_client
 from taskmesh.state.keys import PRIORITY_STEPS, SEP, UNACKED, layout, priority_key
 from taskmesh.state.registry import Registry
 
@@ -170,7 +174,8 @@ def app_queue_depths(
     count_in_flight: bool = True,
 ) -> dict[str, QueueDepth]:
     """``queue_depths`` for a Celery app's Redis broker and transport options, with the
-    messages its live workers hold back (unless ``count_in_flight=False``).
+    messages its live workers hold back (unless ``count_in_flight=False``). On RabbitMQ:
+    what a passive declare tells (``amqp_depth``), the held messages' age included.
 
     *queues* defaults to the names in ``app.conf.task_queues``. Without *client*, one is
     opened on the broker for this call and closed after it.
@@ -179,7 +184,7 @@ def app_queue_depths(
         queues = [queue.name for queue in app.conf.task_queues or ()]
     if client is not None:
         return _app_depths(app, client, queues, count_in_flight)
-    client = broker_client(app)
+    client = state_client(app)
     try:
         return _app_depths(app, client, queues, count_in_flight)
     finally:
@@ -192,15 +197,29 @@ def _app_depths(app: Celery, client: redis.Redis, queues: Iterable[str],
     if count_in_flight:
         config = getattr(app, "taskmesh_config", None)
         held = Registry(client, alive_s=config.admission.reservation_ttl_s if config else 15.0).held_since()
+    if not broker_is_redis(app):
+        return _amqp_depths(app, queues, held)
     return queue_depths(client, queues, count_in_flight=count_in_flight, held_since=held, **layout(app))
+
+
+def _amqp_depths(app: Celery, queues: Iterable[str], held_since: Mapping[str, float] | None) -> dict[str, QueueDepth]:
+    now, held = time.time(), held_since or {}
+    return {
+        queue: QueueDepth(queue=queue, waiting=count, in_flight=0,
+                          oldest_age_s=max(0.0, now - held[queue]) if queue in held else None,
+                          by_priority=types.MappingProxyType({}))
+        for queue, count in amqp_waiting(app, queues).items()
+    }
 
 
 def move_fallbacks(app: Celery, client: redis.Redis, source: str, target: str, limit: int) -> int:
     """Atomically move up to *limit* waiting messages whose task falls back to *target*.
 
     Each move is ``lua/move.lua``: LREM then LPUSH only if the message is still there,
-    so a message a worker took meanwhile is neither lost nor doubled.
+    so a message a worker took meanwhile is neither lost nor doubled. None on RabbitMQ.
     """
+    if not broker_is_redis(app):  # RabbitMQ cannot take a message out of a queue's middle
+        return 0
     keys = layout(app)
     move = client.register_script(lua("move"))
     moved = 0

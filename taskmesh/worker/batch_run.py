@@ -36,7 +36,7 @@ from celery.utils.saferepr import saferepr
 
 from taskmesh.core.batching import RetryItem, cache_key
 from taskmesh.state.batches import record_batch, remember
-from taskmesh.state.client import broker_client
+from taskmesh.state.client import state_client
 
 _clients: dict[int, Any] = {}
 
@@ -56,7 +56,7 @@ class ItemFailure:
 
 def _client(app: Any) -> Any:
     if id(app) not in _clients:
-        _clients[id(app)] = broker_client(app)
+        _clients[id(app)] = state_client(app)
     return _clients[id(app)]
 
 

@@ -48,6 +48,7 @@ from taskmesh.core.need_queues import fits, need_queue
 from taskmesh.core.profiles import Priority, Profile
 from taskmesh.worker.batch_run import BatchOutcome, ItemFailure, run_batch
 from taskmesh.worker.gpu_queues import reroute
+from taskmesh.worker.rabbitmq import turn_priority
 from taskmesh.worker.refusal import refuse, requirement_of
 from taskmesh.worker.strategy import batches_in_flight, requeue_at_front
 
@@ -92,6 +93,7 @@ class Batcher:
     # --- arrival ----------------------------------------------------------------------
 
     def on_message(self, message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> None:
+        turn_priority(message)
         controller = getattr(self.consumer, "taskmesh_admission", None)
         if controller is not None:
             try:

@@ -27,7 +27,7 @@ from taskmesh.core.profiles import Profile
 from taskmesh.core.redact import redacted
 from taskmesh.hardware.inventory import detect, visible_gpu_uuids
 from taskmesh.hardware.providers import provider_from_env
-from taskmesh.state.client import broker_client, broker_redis_url
+from taskmesh.state.client import STATE_ENV, state_client, state_redis_url
 from taskmesh.state.ledger import Ledger
 from taskmesh.state.once import OnceClaims, keep_done_s
 from taskmesh.state.registry import Registry
@@ -84,19 +84,21 @@ class AdmissionStep(bootsteps.StartStopStep):
 
     def _create(self, c: Any) -> AdmissionController | None:
         app = c.app
-        if not broker_redis_url(app):
+        if not state_redis_url(app):
             broker = redacted(str(app.conf.broker_url or ""))
             gpu = sorted(q.name for q in c.task_consumer.queues if family(q.name) == Profile.GPU_INTENSIVE.queue)
             if gpu:  # fail closed: with no ledger a GPU task would run with nothing reserved
-                log.error("taskmesh: this worker consumes %s, but its broker %s is not Redis, where taskmesh keeps "
-                          "the GPU ledger, so GPU tasks would run unguarded: it stops. Use a Redis broker "
-                          "(redis://, rediss://) or consume no GPU queue (-Q cpu_intensive,cpu_light,mixed)",
-                          ", ".join(gpu), broker)
+                log.error("taskmesh: this worker consumes %s, but its broker %s is not Redis and no %s names the "
+                          "Redis where taskmesh keeps the GPU ledger, so GPU tasks would run unguarded: it stops. "
+                          "Set %s to a Redis URL (e.g. redis://127.0.0.1:6379/0), use a Redis broker, or consume "
+                          "no GPU queue (-Q cpu_intensive,cpu_light,mixed)", ", ".join(gpu), broker, STATE_ENV,
+                          STATE_ENV)
                 raise SystemExit(2)
-            log.warning("taskmesh admission needs a Redis broker; %s is not one, so tasks are not admitted", broker)
+            log.warning("taskmesh admission needs Redis for its state; the broker %s is not Redis and %s is not "
+                        "set, so tasks are not admitted", broker, STATE_ENV)
             return None
         config = app.taskmesh_config
-        client = broker_client(app)
+        client = state_client(app)
         ttl = config.admission.reservation_ttl_s
         provider = provider_from_env(config.simulate_gpus, control=client)
         inventory = detect(config, provider)

@@ -30,6 +30,7 @@ from taskmesh.core.gate import Decision, Gate, Reroute, Wait
 from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
 from taskmesh.hardware.inventory import gpu_problem
 from taskmesh.hardware.pressure import host_pressure
+from taskmesh.state.client import broker_is_redis
 from taskmesh.state.registry import Registry
 from taskmesh.worker.exclusive import ExclusiveFollower
 from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_need_queues
@@ -203,6 +204,8 @@ class AdmissionController:
         counting from delivery; a message held that long would then run twice.
         Requeued, it waits in the queue instead, at the front: the head keeps its turn.
         """
+        if not broker_is_redis(self.consumer.app):  # RabbitMQ has no visibility timeout
+            return
         options = self.consumer.app.conf.broker_transport_options or {}
         limit = float(options.get("visibility_timeout", 3600)) / 2
         if self.held and time.monotonic() - self.held[0].since > limit:

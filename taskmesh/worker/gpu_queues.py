@@ -16,6 +16,7 @@ from taskmesh.core.gate import Reroute
 from taskmesh.core.need_queues import can_serve, family
 from taskmesh.core.profiles import Profile
 from taskmesh.core.requirements import Requirement
+from taskmesh.worker.rabbitmq import wire_priority
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def reroute(controller: Any, message: Any, decision: Reroute, requirement: Requi
             content_type=message.content_type,
             content_encoding=message.content_encoding,
             headers=message.headers,
-            **{k: v for k, v in message.properties.items() if k in ("priority", "correlation_id", "reply_to")},
+            priority=wire_priority(message, message.properties.get("priority")),
+            **{k: v for k, v in message.properties.items() if k in ("correlation_id", "reply_to")},
         )
     message.ack()
     with controller.lock:

@@ -25,7 +25,7 @@ import redis
 
 from taskmesh.core.config_schema import HEARTBEAT_S
 from taskmesh.core.redact import redacted
-from taskmesh.state.client import broker_redis_url
+from taskmesh.state.client import state_redis_url
 from taskmesh.state.orphans import OrphanWatch
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.recovery import reclaim_dead_workers, reclaim_orphans
@@ -80,7 +80,7 @@ class Heartbeat:
             controller.changed.clear()
 
     def _broker(self) -> str:
-        return redacted(broker_redis_url(self.app))
+        return redacted(state_redis_url(self.app))
 
     def beat(self) -> None:
         """Lease and registry, reservation refresh, dead workers' messages."""

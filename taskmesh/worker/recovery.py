@@ -21,6 +21,9 @@ A live worker whose broker connection dropped while Redis was down puts back its
 held messages with ``put_back`` (kombu could not restore them as the channel closed),
 and hands its held line back with ``put_back_line``. ``guard_restore`` keeps kombu's
 own restore at close from crashing the worker when Redis is gone.
+
+All of it is for kombu's Redis transport; on RabbitMQ, which redelivers unacknowledged
+messages itself, each step does nothing (``rabbitmq``).
 """
 
 from __future__ import annotations
@@ -37,15 +40,19 @@ from kombu.utils.json import loads
 from kombu.utils.uuid import uuid
 
 from taskmesh.core.headers import ENQUEUED_AT
+from taskmesh.state.client import broker_is_redis
 from taskmesh.state.keys import JANITOR
 from taskmesh.state.orphans import CANDIDATES, OrphanWatch
 from taskmesh.state.registry import Registry
+from taskmesh.worker.rabbitmq import is_redis_channel
 
 log = logging.getLogger(__name__)
 
 
 def reclaim_dead_workers(app: Any, registry: Registry, client: redis.Redis) -> int:
     """Give back the messages of workers presumed dead; returns how many."""
+    if not broker_is_redis(app):  # RabbitMQ redelivers a dead worker's messages as its connection closes
+        return 0
     dead = registry.dead_holding_messages()
     if not dead or not client.set(JANITOR, socket.gethostname(), nx=True, ex=10):
         return 0
@@ -73,7 +80,7 @@ def reclaim_dead_workers(app: Any, registry: Registry, client: redis.Redis) -> i
 
 def reclaim_orphans(app: Any, watch: OrphanWatch) -> int:
     """Deliver again the messages taskmesh stamped that no worker has held for ``dead_after_s``."""
-    if not watch.due():
+    if not broker_is_redis(app) or not watch.due():  # RabbitMQ keeps and redelivers unacknowledged ones itself
         return 0
     restored = 0
     with app.connection_for_write() as conn:
@@ -129,6 +136,8 @@ def put_back(channel: Any, tags: Iterable[str]) -> int:
     first, or one that was acknowledged, is left alone.
     """
     restored = 0
+    if not is_redis_channel(channel):  # RabbitMQ delivered them again as the old channel closed
+        return restored
     for tag in tags:
         if channel.client.hexists(channel.unacked_key, tag):
             channel.qos.restore_by_tag(tag, client=channel.client, leftmost=False)
@@ -144,7 +153,7 @@ def put_back_line(messages: list[Any]) -> None:
     messages behind a held head) would take the first put back — the last of the line —
     and put it at the head. A message no longer unacknowledged is left alone.
     """
-    if not messages:
+    if not messages or not is_redis_channel(messages[0].channel):  # RabbitMQ: each is rejected with requeue
         return
     channel = messages[0].channel
     qos, tags = channel.qos, [m.delivery_tag for m in messages]

@@ -26,6 +26,7 @@ from celery.worker.strategy import default as default_strategy
 from kombu.transport import virtual
 
 from taskmesh.core.headers import GPUS_HEADER, WARM_HEADER
+from taskmesh.worker.rabbitmq import is_redis_channel, turn_priority
 from taskmesh.worker.refusal import celery_header_problem, refuse
 
 #: This worker process's controller and run-once guard (a worker process has one consumer); set by the bootstep.
@@ -74,6 +75,7 @@ def admission_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any
     once = bool(getattr(task, "once", False))
 
     def on_message(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kw: Any) -> Any:
+        turn_priority(message)
         controller = getattr(consumer, "taskmesh_admission", None)
         if controller is None:
             return handler(message, body, ack, reject, callbacks, **kw)
@@ -130,8 +132,12 @@ def requeue_at_front(message: Any, restore: bool = True) -> None:
     clears it, without Redis: the copy put back keeps its delivery tag, so an ack sent
     now would delete the ``unacked`` entry of that copy if a worker (this one, whose
     BRPOP may be waiting on the queue) has taken it already — and a crash of that
-    worker would then lose it.
+    worker would then lose it. RabbitMQ
+    has no such restore: a requeueing reject puts it back at its place (``rabbitmq``).
     """
+    if not is_redis_channel(message.channel):
+        message.reject(requeue=True)
+        return
     if restore:
         message.channel.qos.restore_by_tag(message.delivery_tag, leftmost=False)
     virtual.QoS.ack(message.channel.qos, message.delivery_tag)

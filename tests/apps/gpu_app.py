@@ -7,8 +7,6 @@ import os
 import time
 from typing import Any
 
-import redis
-
 from taskmesh import create_app
 from taskmesh.app.placement import current_placement
 from taskmesh.core.claims import gpu_pool
@@ -26,7 +24,7 @@ RUNS = "test:runs"
 
 def _run(task: Any, seconds: float, label: Any) -> dict[str, Any]:
     started = time.time()
-    client = redis.Redis.from_url(app.conf.broker_url)
+    client = app.redis()
     client.rpush(RUNS, task.request.id)
     time.sleep(seconds)
     redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
@@ -98,7 +96,7 @@ def retries_once(self, seconds: float = 0.3, countdown: float = 0) -> dict[str, 
         raise self.retry(countdown=countdown)
     ran = _run(self, seconds, 1)
     pool = gpu_pool(ran["gpu_uuids"][0])
-    return {**ran, "reserved_mib": Ledger(redis.Redis.from_url(app.conf.broker_url)).used([pool])[pool]}
+    return {**ran, "reserved_mib": Ledger(app.redis()).used([pool])[pool]}
 
 
 @app.task(bind=True, profile="gpu", vram="10GiB", rate_limit="6/m", time_limit=120)
