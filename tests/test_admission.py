@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from taskmesh.core.claims import gpu_pool
+from taskmesh.core.claims import Claim, gpu_pool
 from taskmesh.core.config import AdmissionConfig
 from taskmesh.core.gate import Admitted, Gate, Wait
 from taskmesh.core.requirements import Requirement
@@ -237,3 +237,29 @@ def test_a_whole_gpu_task_runs_where_the_driver_shows_a_few_hundred_mib_and_wait
     control.use(0, 300)
     second = gate.decide(whole, "whole-2")
     assert isinstance(second, Admitted) and second.gpus == (provider.snapshot()[0].uuid,)
+
+
+def test_a_gate_offers_the_best_few_gpus_first_and_the_rest_only_if_the_ledger_refused_them(broker):
+    """Four candidates go to the ledger first; only when it refuses them all (it knows of memory
+    the provider does not show yet) do the others go, in a second call — and one of them is taken."""
+    provider = SimulatedProvider("8x24GiB", host="many-gpus")
+    ledger = Ledger(broker)
+    calls = []
+    reserve_first = ledger.reserve_first
+    ledger.reserve_first = lambda rid, options: calls.append(len(options)) or reserve_first(rid, options)
+    gate = Gate(host="many-gpus", provider=provider, ledger=ledger, config=AdmissionConfig(), gpu_uuids=None,
+                cpu_threads=8, memory_total_mib=64 * GIB)
+    task = Requirement.from_options("ten", {"profile": "gpu", "vram": "10GiB"})
+    idle = gate.decide(task, "idle")
+    assert isinstance(idle, Admitted) and calls == [4]
+    ledger.release(idle.reservation, idle.pools)
+    for gpu in provider.snapshot():  # the ledger full everywhere but GPU 6; the provider shows nothing yet
+        if gpu.index != 6:
+            ledger.reserve(f"filler-{gpu.index}", [Claim(gpu_pool(gpu.uuid), 20 * GIB, 24 * GIB - 512)])
+    calls.clear()
+    stale = gate.decide(task, "stale")
+    assert isinstance(stale, Admitted) and stale.gpus == (provider.snapshot()[6].uuid,) and calls == [4, 4]
+    ledger.release(stale.reservation, stale.pools)
+    assert ledger.reserve("filler-6", [Claim(gpu_pool(provider.snapshot()[6].uuid), 20 * GIB, 24 * GIB - 512)]) is None
+    calls.clear()
+    assert isinstance(gate.decide(task, "full"), Wait) and calls == [4, 4]

@@ -31,6 +31,7 @@ class SimulatedProvider:
         self.host = host or socket.gethostname()
         self.control = control
         self._gpus = self._build(spec, start=0)
+        self._last: tuple[Any, tuple[GpuInfo, ...]] = (None, ())  # the last control hash read, and its answer
 
     def _build(self, spec: str, start: int) -> tuple[GpuInfo, ...]:
         gpus = []
@@ -54,11 +55,14 @@ class SimulatedProvider:
     def snapshot(self) -> tuple[GpuInfo, ...]:
         if self.control is None:
             return self._gpus
-        state = {k.decode(): v.decode() for k, v in self.control.hgetall(simulation_key(self.host)).items()}
+        raw = self.control.hgetall(simulation_key(self.host))
+        if raw == self._last[0]:  # unchanged since the last reading (the common case): the same answer
+            return self._last[1]
+        state = {k.decode(): v.decode() for k, v in raw.items()}
         gpus = self._gpus
         if state.get("extra"):
             gpus = gpus + self._build(state["extra"], start=len(gpus))
-        return tuple(
+        snapshot = tuple(
             dataclasses.replace(
                 g,
                 memory_used_mib=min(g.memory_total_mib, int(state.get(f"used:{g.index}", 0))),
@@ -66,6 +70,8 @@ class SimulatedProvider:
             )
             for g in gpus
         )
+        self._last = (raw, snapshot)
+        return snapshot
 
 
 class SimulationControl:
