@@ -73,7 +73,9 @@ class ExclusiveFollower:
     def tick(self) -> None:
         c = self.c
         consumed = c.intake.consumed()
-        if c.gate.known and EXCLUSIVE_QUEUE not in consumed and any(family(q) == "gpu" for q in consumed):
+        if not (c.gate.known and any(family(q) == "gpu" for q in consumed)):
+            return  # only GPU workers take part (a mixed worker goes on with its own queue)
+        if EXCLUSIVE_QUEUE not in consumed:
             c.intake.add(EXCLUSIVE_QUEUE)  # always: items left when a mode's lease lapsed still run
         batch = self.seen["batch"] if self.seen else None
         if batch == self.active:
