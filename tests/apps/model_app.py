@@ -38,6 +38,8 @@ def _unload(obj: dict[str, Any]) -> None:
 cheap = app.model("cheap", vram="16GiB", load_s=1)(_loader("cheap"))
 cheap.unloader(_unload)
 dear = app.model("dear", vram="16GiB", load_s=60, unloader=_unload)(_loader("dear"))
+# the affinity tests: declared 20 s, loaded in TASKMESH_TEST_LOAD_S (2 s there): learned 0.3 x 2 + 0.7 x 20 = 14.6 s
+alpha = app.model("alpha", vram="16GiB", load_s=20, unloader=_unload)(_loader("alpha"))
 brain = app.model("brain", vram="16GiB", load_s=1, never_evict=True, unloader=_unload)(_loader("brain"))
 
 
@@ -69,6 +71,11 @@ def use_brain(seconds: float = 0.05) -> dict[str, Any]:
     return _report(seconds)
 
 
+@app.task(profile="gpu", vram="1GiB", model="alpha", time_limit=120)
+def use_alpha(seconds: float = 0.05) -> dict[str, Any]:
+    return _report(seconds)
+
+
 @app.task(profile="gpu", model="broken", time_limit=120)
 def use_broken() -> dict[str, Any]:
     return _report(0)
@@ -77,5 +84,12 @@ def use_broken() -> dict[str, Any]:
 @app.task(profile="gpu", vram="16GiB", time_limit=120)
 def plain(seconds: float = 0.05) -> dict[str, Any]:
     """No model: 16 GiB of its own, which an idle warm model may be holding."""
+    time.sleep(seconds)
+    return {"gpus": list(current_placement().gpu_uuids)}
+
+
+@app.task(profile="gpu", vram="4GiB", time_limit=120)
+def small(seconds: float = 0.05) -> dict[str, Any]:
+    """No model: 4 GiB, which fits beside a warm 16 GiB model on a 24 GiB GPU."""
     time.sleep(seconds)
     return {"gpus": list(current_placement().gpu_uuids)}
