@@ -6,16 +6,19 @@ that sleeps 2 s."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
+import psutil
 import pytest
 
-from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up
+from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up, stranded_taker
 from taskmesh.hardware.simulated import SimulatedProvider
 from taskmesh.state.keys import RUNTIMES
 from taskmesh.state.models import ModelStore
 
-from .conftest import wait_for_workers, wait_until
+from .conftest import queue_depth, wait_for_workers, wait_until
 from .test_models import events
 
 HOST = socket.gethostname()
@@ -40,6 +43,14 @@ def test_a_burst_warms_another_gpu_only_when_its_expected_wait_exceeds_the_load_
 def test_no_run_time_measured_warms_nothing_yet():
     plan = plan_warm_up(10_000, None, 1, 1.0)
     assert not plan.warm and plan.reason == "keep: 10000 queued, no run time measured yet"
+
+
+def test_one_worker_takes_a_stranded_model_queue_by_every_workers_reckoning():
+    nodes = ["gpu1@b", "gpu0@a", "gpu0@b"]
+    taker = stranded_taker("alpha", nodes)
+    assert taker in nodes and stranded_taker("alpha", list(reversed(nodes))) == taker
+    assert len({stranded_taker(f"m{i}", nodes) for i in range(20)}) > 1  # models spread over the fleet
+    assert stranded_taker("alpha", []) is None
 
 
 def test_model_queues_are_named_in_one_place_and_belong_to_the_gpu_family():
@@ -109,8 +120,9 @@ def test_a_small_burst_stays_on_the_gpu_that_has_the_model_warm(model_app, broke
     warm = warm_alpha(model_app)
     learn_run_time(model_app, broker, 0.15)
     burst = [model_app.use_alpha.delay(0.15) for _ in range(30)]  # about 5 s of work against a 14.6 s load
-    wait_until(lambda: any(d["queued"] >= 10 for d in warm_ups(model_app, NODES[1 - warm])),
+    wait_until(lambda: loads(model_app) > 1 or any(d["queued"] >= 10 for d in warm_ups(model_app, NODES[1 - warm])),
                "the other GPU weighed the burst", seen=lambda: warm_ups(model_app, NODES[1 - warm]))
+    assert loads(model_app) == 1
     seen = [d for d in warm_ups(model_app, NODES[1 - warm]) if d["queued"] >= 10]
     assert not any(d["warm"] for d in seen) and seen[0]["reason"].startswith("keep: "), seen
     assert {tuple(r.get(timeout=60)["gpus"]) for r in burst} == {(UUIDS[warm],)}
@@ -130,3 +142,21 @@ def test_a_burst_longer_than_a_load_warms_the_model_on_the_second_gpu(model_app,
     assert loads(model_app) == 2 and events(broker) == ["load:alpha", "load:alpha"]
     assert (UUIDS[1 - warm],) in gpus and (UUIDS[warm],) in gpus
     assert set(ModelStore(model_app.app.redis()).ready("alpha")) == set(NODES)
+
+
+@pytest.mark.slow
+def test_tasks_sent_to_a_model_queue_whose_only_holder_died_are_run_by_a_gpu_that_loads_it(
+        model_app, broker, processes):
+    start_two_gpus(processes, model_app.app)
+    supervisor = processes.procs[-1]
+    warm = warm_alpha(model_app)
+    (worker,) = [p for p in psutil.Process(supervisor.pid).children()
+                 if NODES[warm] in " ".join(p.cmdline())]
+    pool = worker.children()
+    os.kill(worker.pid, signal.SIGKILL)
+    for child in pool:
+        child.send_signal(signal.SIGKILL)  # the model is gone with its process; the supervisor restarts the worker
+    stranded = [model_app.use_alpha.delay(0.05) for _ in range(5)]  # the producer still sees alpha warm there
+    assert queue_depth(broker, QUEUE) == 5  # sent to the model queue, which nobody holding alpha consumes now
+    ran = [r.get(timeout=60) for r in stranded]
+    assert len(ran) == 5 and loads(model_app) == 2  # a GPU that could fit alpha took them and loaded it

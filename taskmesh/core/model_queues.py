@@ -11,8 +11,9 @@ A worker without M also consumes M's model queue when:
 * the burst rule says so (``plan_warm_up``): the work queued for M, spread over the slots
   already serving it, would take longer than loading M once more; it then loads M with the
   first such task and stays a holder; or
-* nobody holds M (evicted everywhere, its holders dead) and messages wait there: any GPU
-  that could ever fit M takes them, so a model queue never strands its messages.
+* nobody holds M (evicted everywhere, its holders dead) and messages wait there: one live
+  worker whose GPUs could ever fit M, the same one by every worker's reckoning
+  (``stranded_taker``), takes them and loads M, so a model queue never strands its messages.
 
 Pure (no Celery, no Redis): the worker and the tests decide alike.
 """
@@ -20,6 +21,7 @@ Pure (no Celery, no Redis): the worker and the tests decide alike.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 MODEL_QUEUE_PREFIX = "gpu.model."  # a model queue belongs to the gpu family (``need_queues.family``)
 
@@ -62,3 +64,13 @@ def plan_warm_up(queued: int, mean_run_s: float | None, serving_slots: int, load
     if wait > load_s:
         return WarmUp(True, wait, load_s, f"warm: {numbers} > load {load_s:.1f}s")
     return WarmUp(False, wait, load_s, f"keep: {numbers} <= load {load_s:.1f}s")
+
+
+def stranded_taker(model: str, nodes: list[str]) -> str | None:
+    """The one worker that takes a stranded model queue: every worker works it out alike from
+    the registry's live workers that could fit the model, so it is loaded once; by the model's
+    name, so stranded models spread over the fleet."""
+    if not nodes:
+        return None
+    ordered = sorted(set(nodes))
+    return ordered[zlib.crc32(model.encode()) % len(ordered)]

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from taskmesh.core.claims import gpu_pool
-from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up
+from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up, stranded_taker
 from taskmesh.core.models import DEFAULT_LOAD_S
 from taskmesh.state.keys import layout
 from taskmesh.state.queues import queue_depths
@@ -29,7 +29,6 @@ EVERY_TICKS = 2
 class ModelQueues:
     def __init__(self, controller: Any) -> None:
         self.c = controller
-        self.announced: set[str] = set()  # models this worker last said it has warm
         self.recorded: dict[str, tuple[bool, int]] = {}  # model → (verdict, queued) last recorded
 
     def update(self) -> None:
@@ -38,8 +37,9 @@ class ModelQueues:
             return
         held = {name for entry in warm.read().values() for name in entry["models"]} & set(warm.specs)
         slots = c.consumer.pool.num_processes
-        warm.store.set_ready(c.node, dict.fromkeys(held, slots), sorted(self.announced - held))
-        self.announced = held
+        # every model not held is withdrawn, not only those announced before: a worker restarted
+        # under the same name must not leave producers believing its predecessor's models warm
+        warm.store.set_ready(c.node, dict.fromkeys(held, slots), sorted(set(warm.specs) - held))
         consumed = {q for q in c.intake.consumed() if model_of(q) is not None}
         queues = [model_queue(name) for name in warm.specs if name not in held]
         depths = queue_depths(c.registry.client, queues, count_in_flight=False, **layout(c.consumer.app))
@@ -61,14 +61,15 @@ class ModelQueues:
         """Whether to consume the queue of *name*, which is not warm here and has *queued* waiting."""
         c, store, spec = self.c, self.c.warm.store, self.c.warm.specs[name]
         if "live" not in view:  # read once per update, and only when some model queue waits
-            view["live"] = {r.node for r in c.registry.workers() if c.registry.is_alive(r)}
+            view["live"] = {r.node: r for r in c.registry.workers() if c.registry.is_alive(r)}
             view["runs"] = c.registry.mean_runtimes()
             view["learned"] = store.learned()
         holders = {n: s for n, s in store.ready(name).items() if n in view["live"] and n != c.node}
         need = spec.vram_mib + self._task_vram(name)
         margin = c.gate.config.safety_margin_mib
-        if not holders:  # stranded: any GPU that could ever fit it takes it (admission may evict for it)
-            return any(g.memory_total_mib - margin >= need for g in c.gate.known.values())
+        if not holders:  # stranded: one live worker whose GPUs could ever fit it takes it (and loads it)
+            return stranded_taker(name, [n for n, r in view["live"].items()
+                                         if any(g.memory_total_mib - margin >= need for g in r.gpus)]) == c.node
         if consuming:  # warming it: keep taking its tasks until the queue is empty
             return True
         load_s = view["learned"].get(name) or spec.load_s or DEFAULT_LOAD_S
@@ -94,3 +95,4 @@ class ModelQueues:
         tasks = self.c.consumer.app.tasks.values()
         return max((t.requirement.vram_mib or 0 for t in tasks
                     if getattr(getattr(t, "requirement", None), "model", None) == name), default=0)
+
