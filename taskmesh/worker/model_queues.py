@@ -6,8 +6,9 @@ processes hold (``MODEL_READY``, read by producers to route those tasks to the m
 queues), then for each declared model decides whether to consume its queue, and joins or
 leaves it with Celery's consumer (``Intake.add``/``drop`` over ``add_task_queue`` /
 ``cancel_task_queue``, honouring a pause). A message it already took from a queue it
-leaves stays with it. Burst decisions are recorded with their numbers (``WARM_UPS``),
-each time the verdict for a model changes or its queue has doubled since.
+leaves stays with it. Burst decisions are recorded with their numbers (``WARM_UPS``): the
+first for each burst (the queue was empty before), then each time the verdict changes or
+the queue has doubled since.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ class ModelQueues:
         wanted = {model_queue(name) for name in held}
         for name in warm.specs:
             queue = model_queue(name)
-            if name not in held and depths[queue].waiting and self._follow(name, depths[queue].waiting,
-                                                                              queue in consumed, view):
+            if name in held:
+                continue
+            if not depths[queue].waiting:
+                self.recorded.pop(name, None)  # the next burst is recorded afresh
+            elif self._follow(name, depths[queue].waiting, queue in consumed, view):
                 wanted.add(queue)
         for queue in sorted(wanted - consumed):
             c.intake.add(queue)
