@@ -172,7 +172,7 @@ class SubmitPolicy:
             return queue
         if explicit:
             return queue
-        if fits_all and requirement.gpus == 1:
+        if fits_all and requirement.gpus == 1 and self.config.admission.affinity:
             return self.affinity.queue_for(requirement.model, queue, self.live_nodes)
         name = need_queue(requirement)  # several GPUs at once: only a worker that sees that many may take it
         if name not in self._registered:

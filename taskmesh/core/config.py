@@ -62,6 +62,7 @@ class AdmissionConfig:
     backfill: str = "best_fit"  # which held message starts in a gap behind the waiting head (core.held_line)
     max_head_wait_s: float = 30.0  # once the head has waited this long, nothing more is backfilled
     backfill_window: int = 8  # how many held messages behind the head may be backfilled (0: none)
+    affinity: bool = True  # a warm model's tasks go to its model queue (core.model_queues); false: any GPU
 
     def line_policy(self) -> LinePolicy:
         """The held-line policy these settings ask for (the worker and the simulator use it)."""

@@ -34,7 +34,7 @@ class ModelQueues:
 
     def update(self) -> None:
         c, warm = self.c, self.c.warm
-        if not warm.specs or c.counters["ticks"] % EVERY_TICKS:
+        if not warm.specs or not c.gate.config.affinity or c.counters["ticks"] % EVERY_TICKS:
             return
         held = {name for entry in warm.read().values() for name in entry["models"]} & set(warm.specs)
         slots = c.consumer.pool.num_processes
