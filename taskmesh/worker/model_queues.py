@@ -2,7 +2,7 @@
 burst rule or a stranded queue says it should warm (``core.model_queues``).
 
 Every other tick, on the event loop: the worker says which declared models its pool
-processes hold (``MODEL_READY``, read by producers to route those tasks to the model
+processes hold or are loading (``MODEL_READY``, read by producers to route those tasks to the model
 queues), then for each declared model decides whether to consume its queue, and joins or
 leaves it with Celery's consumer (``Intake.add``/``drop`` over ``add_task_queue`` /
 ``cancel_task_queue``, honouring a pause). A message it already took from a queue it
@@ -36,7 +36,8 @@ class ModelQueues:
         c, warm = self.c, self.c.warm
         if not warm.specs or not c.gate.config.affinity or c.counters["ticks"] % EVERY_TICKS:
             return
-        held = {name for entry in warm.read().values() for name in entry["models"]} & set(warm.specs)
+        entries = warm.read().values()  # a model being loaded counts: its tasks had better wait for that copy
+        held = {name for entry in entries for name in [*entry["models"], entry.get("loading")]} & set(warm.specs)
         slots = c.consumer.pool.num_processes
         # every model not held is withdrawn, not only those announced before: a worker restarted
         # under the same name must not leave producers believing its predecessor's models warm
