@@ -12,7 +12,9 @@ import socket
 
 import psutil
 import pytest
+import redis
 
+from taskmesh.app.affinity import Affinity
 from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up, stranded_taker
 from taskmesh.hardware.simulated import SimulatedProvider
 from taskmesh.state.keys import RUNTIMES
@@ -58,6 +60,12 @@ def test_model_queues_are_named_in_one_place_and_belong_to_the_gpu_family():
 
     assert QUEUE == "gpu.model.alpha" and model_of(QUEUE) == "alpha" and model_of("gpu.4096MiB") is None
     assert family(QUEUE) == "gpu"
+
+
+def test_on_a_broker_other_than_redis_every_task_stays_on_its_profile_queue():
+    unreachable = redis.Redis(port=1)  # never asked: a model queue is not even considered
+    assert Affinity(unreachable, "amqp://guest@127.0.0.1//").queue_for("alpha", "gpu", set) == "gpu"
+    assert Affinity(unreachable, "redis://127.0.0.1:1/0").enabled
 
 
 # --- real workers -------------------------------------------------------------------------

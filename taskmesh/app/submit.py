@@ -60,7 +60,7 @@ class SubmitPolicy:
         self._registered: set[str] = set()
         self._warned: set[str] = set()
         self._told: set[tuple[str, str]] = set()
-        self.affinity = Affinity(app.redis())
+        self.affinity = Affinity(app.redis(), app.conf.broker_url)
 
     def workers(self) -> list[WorkerRecord]:
         return self._view()[0]
