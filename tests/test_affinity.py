@@ -20,7 +20,7 @@ from taskmesh.hardware.simulated import SimulatedProvider
 from taskmesh.state.keys import RUNTIMES
 from taskmesh.state.models import ModelStore
 
-from .conftest import queue_depth, wait_for_workers, wait_until
+from .conftest import wait_for_workers, wait_until
 from .test_models import events
 
 HOST = socket.gethostname()
@@ -164,7 +164,9 @@ def test_tasks_sent_to_a_model_queue_whose_only_holder_died_are_run_by_a_gpu_tha
     os.kill(worker.pid, signal.SIGKILL)
     for child in pool:
         child.send_signal(signal.SIGKILL)  # the model is gone with its process; the supervisor restarts the worker
-    stranded = [model_app.use_alpha.delay(0.05) for _ in range(5)]  # the producer still sees alpha warm there
-    assert queue_depth(broker, QUEUE) == 5  # sent to the model queue, which nobody holding alpha consumes now
+    psutil.wait_procs([worker, *pool], timeout=10)  # gone, with its connection: nothing sent next reaches it
+    policy = model_app.app.submit_policy()
+    assert policy.affinity.queue_for("alpha", "gpu", policy.live_nodes) == QUEUE  # it still looks warm there
+    stranded = [model_app.use_alpha.delay(0.05) for _ in range(5)]  # so these go to the model queue
     ran = [r.get(timeout=60) for r in stranded]
     assert len(ran) == 5 and loads(model_app) == 2  # a GPU that could fit alpha took them and loaded it
