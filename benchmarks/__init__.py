@@ -20,4 +20,5 @@ SCENARIOS = {
     "one_gpu": "benchmarks.one_gpu",
     "capacity": "benchmarks.capacity",
     "batching": "benchmarks.batching",
+    "affinity": "benchmarks.affinity",
 }

@@ -1,5 +1,6 @@
 """Decisions at submit time: refuse what can never run, push back when a queue is full,
-send GPU work where it fits, and take a fallback when the preferred queue is saturated.
+send GPU work where it fits (a warm model's tasks to its model queue, ``app.affinity``), and
+take a fallback when the preferred queue is saturated.
 
 Everything here runs in the producer, inside ``TaskmeshCelery.send_task`` (which
 ``apply_async`` and every canvas end in; ``app.sending``), before a message exists, so a
@@ -20,10 +21,13 @@ from typing import Any
 
 from kombu.utils.functional import retry_over_time
 
+from taskmesh.app.affinity import Affinity
 from taskmesh.app.broker_errors import REDIS_DOWN, broker_unreachable
+from taskmesh.app.models import declared_models
 from taskmesh.core.claims import gpu_pool
 from taskmesh.core.errors import InfeasibleRequirement, QueueFull
 from taskmesh.core.headers import FALLBACK_HEADER
+from taskmesh.core.model_queues import model_queue
 from taskmesh.core.need_queues import family, fits, need_queue
 from taskmesh.core.profiles import Profile
 from taskmesh.core.records import Capacity, WorkerRecord
@@ -56,6 +60,7 @@ class SubmitPolicy:
         self._registered: set[str] = set()
         self._warned: set[str] = set()
         self._told: set[tuple[str, str]] = set()
+        self.affinity = Affinity(app.redis(), app.conf.broker_url)
 
     def workers(self) -> list[WorkerRecord]:
         return self._view()[0]
@@ -165,13 +170,19 @@ class SubmitPolicy:
                 self._warned.add(task_name)
                 log.warning("%s: no GPU worker has registered yet; queued on %s unchecked", task_name, queue)
             return queue
-        if explicit or (fits_all and requirement.gpus == 1):
+        if explicit:
             return queue
+        if fits_all and requirement.gpus == 1 and self.config.admission.affinity:
+            return self.affinity.queue_for(requirement.model, queue, self.live_nodes)
         name = need_queue(requirement)  # several GPUs at once: only a worker that sees that many may take it
         if name not in self._registered:
             self.registry.register_need_queue(name, requirement)
             self._registered.add(name)
         return name
+
+    def live_nodes(self) -> set[str]:
+        """The nodes of the workers alive in the cached registry view."""
+        return {r.node for r in self.workers() if self.registry.is_alive(r)}
 
     def _saturated(self, requirement: Requirement, queue: str) -> bool:
         """Deeper than ``fallback_depth`` and no live GPU can take the task now."""
@@ -189,7 +200,7 @@ class SubmitPolicy:
 
     def _waiting(self, queues: list[str]) -> int:
         if "gpu" in queues:
-            queues = queues + list(self.registry.need_queues())
+            queues = queues + list(self.registry.need_queues()) + [model_queue(m) for m in declared_models(self.app)]
         depths = app_queue_depths(self.app, queues, client=self.app.redis(), count_in_flight=False)
         return sum(d.waiting for d in depths.values())
 

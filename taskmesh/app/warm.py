@@ -57,13 +57,14 @@ def _store(app: Any) -> ModelStore:
     return _stores[id(app)]
 
 
-def _publish(store: ModelStore, node: str, state: str, task: str | None = None, pool: str | None = None) -> None:
+def _publish(store: ModelStore, node: str, state: str, task: str | None = None, pool: str | None = None,
+             loading: str | None = None) -> None:
     models = {name: {"vram_mib": m.declared.spec.vram_mib, "pool": m.pool, "reservation": m.reservation,
                      "adopted_from": m.adopted_from, "loaded_at": m.loaded_at, "last_used": m.last_used,
                      "tasks": m.tasks, "never_evict": m.declared.spec.never_evict}
               for name, m in _loaded.items()}
     store.hold(node, os.getpid(), {"state": state, "since": time.time(), "task": task, "pool": pool,
-                                   "models": models})
+                                   "loading": loading, "models": models})
 
 
 def _empty_cache() -> None:
@@ -92,7 +93,7 @@ def _unload(store: ModelStore, node: str, name: str, task_reservation: str, amou
 def _load(store: ModelStore, node: str, declared: DeclaredModel, pool: str | None, warm: dict[str, Any],
           task_id: str) -> Loaded:
     spec = declared.spec
-    _publish(store, node, LOADING, task_id, pool)
+    _publish(store, node, LOADING, task_id, pool, loading=spec.name)
     started = time.monotonic()
     try:
         obj = declared.loader()

@@ -63,6 +63,7 @@ class AdmissionConfig:
     max_head_wait_s: float = 30.0  # once the head has waited this long, nothing more is backfilled
     backfill_window: int = 8  # how many held messages behind the head may be backfilled (0: none)
     lookahead: int = 0  # messages kept beyond the pool's slots to pick the best fit from (core.held_line)
+    affinity: bool = True  # a warm model's tasks go to its model queue (core.model_queues); false: any GPU
 
     def line_policy(self) -> LinePolicy:
         """The held-line policy these settings ask for (the worker and the simulator use it)."""

@@ -196,6 +196,7 @@ _ADMISSION_SCHEMA = {
     "max_head_wait_s": _seconds,
     "backfill_window": _count,
     "lookahead": _count,
+    "affinity": _flag,
 }
 _GROUP_SCHEMA = {
     "threads": _positive_int,
@@ -241,6 +242,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_MAX_HEAD_WAIT_S": ("admission.max_head_wait_s", _seconds),
     "TASKMESH_BACKFILL_WINDOW": ("admission.backfill_window", _count),
     "TASKMESH_LOOKAHEAD": ("admission.lookahead", _count),
+    "TASKMESH_AFFINITY": ("admission.affinity", _flag),
 }
 #: every queue threshold too: TASKMESH_QUEUE_<QUEUE>_<KEY>, e.g. TASKMESH_QUEUE_GPU_MAX_DEPTH=500
 QUEUE_ENV_PREFIX = "TASKMESH_QUEUE_"

@@ -37,6 +37,8 @@ MODELS_HELD = "taskmesh:models:"  # + node: hash pool pid → JSON of the models
 MODEL_LOAD_S = "taskmesh:model-load-s"  # model → learned load time (EWMA, seconds), shared by the fleet
 MODEL_LOADS = "taskmesh:model-loads"  # "<model>:count" / "<model>:seconds": loads done and time spent
 EVICTIONS = "taskmesh:evictions"  # list, newest first: each eviction decision and its reason (JSON)
+MODEL_READY = "taskmesh:model-ready:"  # + model: hash node → slots of a worker with it warm (consuming its queue)
+WARM_UPS = "taskmesh:warm-ups"  # list, newest first: each burst warm-up decision and its numbers (JSON)
 
 EXCLUSIVE = "taskmesh:exclusive"  # the batch id of the exclusive batch running now (a lease: it expires)
 EXCLUSIVE_INFO = "taskmesh:exclusive:info"  # batch id → JSON: its task, total, when it began, reload_after

@@ -5,6 +5,9 @@ A pool process that loads a model writes its entry in its worker's hash
 (``MODELS_HELD`` + node, field = pid); the worker's heartbeat reads it to refresh the
 model's reservation with its tasks' and to drop the entries of processes that are gone.
 Load times are a moving average per model shared by the fleet (``lua/model_load.lua``).
+A worker with a model warm says so in ``MODEL_READY`` + model (node → its slots): producers
+read it to send that model's tasks to its model queue (``core.model_queues``); whether the
+worker is alive is the registry's lease, not this entry.
 """
 
 from __future__ import annotations
@@ -15,7 +18,15 @@ from typing import Any
 import redis
 
 from taskmesh.state.client import lua
-from taskmesh.state.keys import EVICTIONS, LEDGER_PREFIX, MODEL_LOAD_S, MODEL_LOADS, MODELS_HELD
+from taskmesh.state.keys import (
+    EVICTIONS,
+    LEDGER_PREFIX,
+    MODEL_LOAD_S,
+    MODEL_LOADS,
+    MODEL_READY,
+    MODELS_HELD,
+    WARM_UPS,
+)
 
 EWMA_WEIGHT = 0.3  # of each new measured load
 EVICTIONS_KEPT = 100
@@ -70,6 +81,30 @@ class ModelStore:
             out.setdefault(name, {})[what] = float(value)
         return out
 
+    # --- which workers have a model ready (affinity) ------------------------------------
+
+    def set_ready(self, node: str, ready: dict[str, int], gone: list[str]) -> None:
+        """*node* has the models of *ready* warm (model → its slots) and no longer those of *gone*."""
+        pipe = self.client.pipeline(transaction=False)
+        for model, slots in ready.items():
+            pipe.hset(f"{MODEL_READY}{model}", node, slots)
+        for model in gone:
+            pipe.hdel(f"{MODEL_READY}{model}", node)
+        pipe.execute()
+
+    def ready(self, model: str) -> dict[str, int]:
+        """Node → slots, for every worker that last said it has *model* warm (alive or not)."""
+        return {k.decode(): int(v) for k, v in self.client.hgetall(f"{MODEL_READY}{model}").items()}
+
+    def record_warm_up(self, decision: dict[str, Any]) -> None:
+        pipe = self.client.pipeline()
+        pipe.lpush(WARM_UPS, json.dumps(decision))
+        pipe.ltrim(WARM_UPS, 0, EVICTIONS_KEPT - 1)
+        pipe.execute()
+
+    def warm_ups(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.client.lrange(WARM_UPS, 0, limit - 1)]
+
     # --- eviction decisions ----------------------------------------------------------
 
     def record_eviction(self, decision: dict[str, Any]) -> None:
@@ -82,5 +117,6 @@ class ModelStore:
         return [json.loads(raw) for raw in self.client.lrange(EVICTIONS, 0, limit - 1)]
 
     def summary(self) -> dict[str, Any]:
-        """For ``status --json``: learned load times, loads done, and the latest eviction decisions."""
-        return {"learned_load_s": self.learned(), "loads": self.loads(), "evictions": self.evictions()}
+        """For ``status --json``: learned load times, loads done, the latest eviction and warm-up decisions."""
+        return {"learned_load_s": self.learned(), "loads": self.loads(), "evictions": self.evictions(),
+                "warm_ups": self.warm_ups()}

@@ -37,6 +37,7 @@ from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_nee
 from taskmesh.worker.held import Held, Running, expired, start_held, takes_more
 from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
+from taskmesh.worker.model_queues import ModelQueues
 from taskmesh.worker.recovery import put_back_line
 from taskmesh.worker.refusal import refuse, requirement_of
 from taskmesh.worker.strategy import is_revoked, live_request_ids
@@ -73,6 +74,7 @@ class AdmissionController:
         self.no_gpu = None if gate.known else gpu_problem(gate.provider, gate.gpu_uuids) or "no GPU found"
         self.warm = WarmModels(self)  # declared models: what the pool processes hold, eviction
         self.exclusive = ExclusiveFollower(self)  # an exclusive batch job, while one has every GPU
+        self.model_queues = ModelQueues(self)  # affinity: the model queues this worker consumes
 
     # --- messages -------------------------------------------------------------------
 
@@ -286,6 +288,7 @@ class AdmissionController:
             else:
                 self.reasons.pop("unhealthy", None)
             subscribe_need_queues(self)
+            self.model_queues.update()
         elif pressure := host_pressure(self.gate.config, self.gate.cpu_threads):
             self.reasons["pressure"] = pressure
         else:

@@ -107,7 +107,9 @@ class Intake:
         """Stop consuming *queue* for good, paused or not (a GPU queue on a worker that sees no GPU)."""
         if self.assist == queue:
             self.assist = None
-        if queue in self.paused_queues:
+        if self.set_aside is not None and queue in self.set_aside:
+            self.set_aside.remove(queue)
+        elif queue in self.paused_queues:
             self.paused_queues.remove(queue)
         else:
             self.consumer.cancel_task_queue(queue)

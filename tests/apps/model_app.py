@@ -38,11 +38,13 @@ def _unload(obj: dict[str, Any]) -> None:
 cheap = app.model("cheap", vram="16GiB", load_s=1)(_loader("cheap"))
 cheap.unloader(_unload)
 dear = app.model("dear", vram="16GiB", load_s=60, unloader=_unload)(_loader("dear"))
+# the affinity tests: declared 20 s, loaded in TASKMESH_TEST_LOAD_S (2 s there): learned 0.3 x 2 + 0.7 x 20 = 14.6 s
+alpha = app.model("alpha", vram="16GiB", load_s=20, unloader=_unload)(_loader("alpha"))
 brain = app.model("brain", vram="16GiB", load_s=1, never_evict=True, unloader=_unload)(_loader("brain"))
 
 
-large = app.model("large", vram="16GiB", load_s=1)(_loader("large"))
-small = app.model("small", vram="6GiB", load_s=1)(_loader("small"))
+large_model = app.model("large", vram="16GiB", load_s=1)(_loader("large"))
+small_model = app.model("small", vram="6GiB", load_s=1)(_loader("small"))
 
 
 @app.model("broken", vram="8GiB")
@@ -70,6 +72,11 @@ def use_dear(seconds: float = 0.05) -> dict[str, Any]:
 
 @app.task(profile="gpu", vram="1GiB", model="brain", time_limit=120)
 def use_brain(seconds: float = 0.05) -> dict[str, Any]:
+    return _report(seconds)
+
+
+@app.task(profile="gpu", vram="1GiB", model="alpha", time_limit=120)
+def use_alpha(seconds: float = 0.05) -> dict[str, Any]:
     return _report(seconds)
 
 
@@ -102,5 +109,12 @@ def use_best(seconds: float = 0.05) -> dict[str, Any]:
 
 @app.task(profile="gpu", vram="12GiB", time_limit=120)
 def hold12(seconds: float) -> dict[str, Any]:
+    time.sleep(seconds)
+    return {"gpus": list(current_placement().gpu_uuids)}
+
+
+@app.task(profile="gpu", vram="4GiB", time_limit=120)
+def small(seconds: float = 0.05) -> dict[str, Any]:
+    """No model: 4 GiB, which fits beside a warm 16 GiB model on a 24 GiB GPU."""
     time.sleep(seconds)
     return {"gpus": list(current_placement().gpu_uuids)}
