@@ -149,14 +149,16 @@ def render(results: dict[str, Any]) -> str:
                       "orphan sweep gave it back within the run: a bug, and the CI test asserts it does not",
                       "happen (`unacked_left == 0`)."]
         if vanished:
-            lines += [f"{vanished} left no trace at all (no result, not in `unacked`, in no queue). The likely cause,",
-                      "from kombu's code: its Redis transport takes a message off its list (`BRPOP`) and records",
-                      "it as unacknowledged in a second round trip; a worker SIGKILLed between the two takes it",
-                      "with it, and no recovery can see a message Redis no longer has."]
+            lines += [f"{vanished} left no trace at all (no result, not in `unacked`, in no queue). One possible",
+                      "cause, from kombu's code: its Redis transport takes a message off its list (`BRPOP`) and",
+                      "records it as unacknowledged in a second round trip; a worker SIGKILLed between the two",
+                      "takes it with it, and no recovery can see a message Redis no longer has. But every task",
+                      "lost this way so far was an `io_once` (a `once=True` task on the gevent worker), which",
+                      "that cause alone would not favour: an open bug, cause not found."]
             if f.get("lost_once_claims"):
                 lines += [f"The run-once claims of the lost `once=True` tasks: {', '.join(f['lost_once_claims'])} "
-                          "(`none`: no worker's strategy ever saw the message, as that cause predicts; "
-                          "`returned`/`done` would mean it was skipped unrun)."]
+                          "(`none`: never claimed, or claimed by a worker that then died and whose claim "
+                          "expired; `returned`/`done` would mean it was skipped unrun)."]
     lines += ["", "## The scenarios", ""]
     for name, result in results["scenarios"].items():
         title, what = SCENARIOS[name]
