@@ -57,3 +57,21 @@ def test_a_rate_limited_task_waits_for_memory_when_its_turn_comes(gpu_app, proce
     assert started["limited1"] - started["limited0"] >= 9  # Celery's rate limit was kept
     assert started["between"] < started["limited1"]  # the second limited run came due while it ran
     assert most_at_once(finished) == 1
+
+
+@pytest.mark.slow
+def test_a_scheduled_gpu_task_that_comes_due_while_every_slot_runs_is_reserved_only_when_one_frees(
+        gpu_app, broker, processes):
+    """Found by the warm-model benchmark: a GPU task arriving while every pool slot runs was
+    admitted at once — reserved for a task the pool could not start, which a model's eviction
+    could then overcommit. Here B, scheduled first, comes due while A fills the one slot."""
+    (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_GPU_SLOTS="1")
+    later = gpu_app.two_gib.apply_async((0.1,), {"label": "later"}, countdown=3)
+    wait_until(lambda: gpu_app.app.control.inspect(destination=[node], timeout=2).scheduled().get(node),
+               "B scheduled at the worker")
+    first = gpu_app.two_gib.apply_async((8.0,), {"label": "first"})
+    wait_until(lambda: len(Ledger(broker).holders(POOL)) == 1, "A runs")
+    time.sleep(5)  # B came due 2 s ago, while A still runs
+    assert stats(gpu_app.app, node)["held"] == 1  # B is at the worker, due, waiting for the slot
+    assert len(Ledger(broker).holders(POOL)) == 1  # and nothing is reserved for it yet
+    assert first.get(timeout=30)["label"] == "first" and later.get(timeout=30)["label"] == "later"

@@ -24,12 +24,14 @@ import logging
 from typing import Any
 
 from taskmesh.core.headers import BATCH_HEADER
-from taskmesh.core.need_queues import EXCLUSIVE_QUEUE, family
+from taskmesh.core.need_queues import EXCLUSIVE_QUEUE
+from taskmesh.core.profiles import Profile
 from taskmesh.state.batches import job, job_progress, result_states
 from taskmesh.state.exclusive import ExclusiveBatches
 
 log = logging.getLogger(__name__)
 REASON = "exclusive"
+GPU_QUEUE = Profile.GPU_INTENSIVE.queue
 
 
 def warm_up_task(model: str) -> str:
@@ -73,8 +75,8 @@ class ExclusiveFollower:
     def tick(self) -> None:
         c = self.c
         consumed = c.intake.consumed()
-        if not (c.gate.known and any(family(q) == "gpu" for q in consumed)):
-            return  # only GPU workers take part (a mixed worker goes on with its own queue)
+        if not (c.gate.known and GPU_QUEUE in set(consumed) - {c.intake.assist}):
+            return  # only GPU workers take part (a mixed worker, even one assisting gpu, goes on with its own)
         if EXCLUSIVE_QUEUE not in consumed:
             c.intake.add(EXCLUSIVE_QUEUE)  # always: items left when a mode's lease lapsed still run
         batch = self.seen["batch"] if self.seen else None
