@@ -13,9 +13,15 @@ import time
 
 import pytest
 
+from taskmesh.core.claims import gpu_pool
+from taskmesh.hardware.simulated import SimulatedProvider
+from taskmesh.state.ledger import Ledger
 from taskmesh.worker.controller import RECONCILE_AFTER_S
 
-from .test_admission import GIB, most_at_once, start_gpus
+from .conftest import wait_until
+from .test_admission import GIB, most_at_once, start_gpus, stats
+
+POOL = gpu_pool(SimulatedProvider("1x24GiB").snapshot()[0].uuid)
 
 GPU = "1x16GiB"  # room for one 10 GiB task at a time
 SLOTS = "2"  # two pool slots, so only the ledger keeps a second 10 GiB task from starting

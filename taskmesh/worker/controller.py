@@ -97,7 +97,11 @@ class AdmissionController:
         if self.exclusive.holds_back(message, requirement):  # fetched as the batch began: back to its queue
             self._give_back([held], "an exclusive batch has every GPU")
             return
-        if self.held or self._blocked() or self.policy.lookahead:  # lookahead: the line picks, not arrival
+        # a GPU task that arrives while every slot runs (prefetch grows by held and scheduled messages and
+        # shrinks only eventually) waits for one: admitted now, it would be reserved for what the pool cannot
+        # start, against models the running task may be evicting; with a lookahead, the line picks
+        if self.held or self._blocked() or self.policy.lookahead or (
+                requirement.needs_gpu and self._free_slots() <= 0):
             self._hold(held, backfill=True)
             return
         if not self._try(held):
