@@ -74,20 +74,20 @@ def declared_models(app: Any) -> dict[str, DeclaredModel]:
 
 def current_model() -> Any:
     """The loaded object of the running task's declared model; raises ``LookupError`` outside one."""
-    model = getattr(_current, "model", None)
-    if model is None:
-        raise LookupError("current_model() is only available inside a task declared with model= "
-                          "naming a model declared with @app.model(...)")
-    return model[0]
+    return _running("current_model")[0]
 
 
 def current_model_name() -> str:
     """Which model the running task got: with ``model=[...]``, the one admission chose."""
+    return _running("current_model_name")[1]
+
+
+def _running(asked: str) -> tuple[Any, str]:
     model = getattr(_current, "model", None)
     if model is None:
-        raise LookupError("current_model_name() is only available inside a task declared with model= "
+        raise LookupError(f"{asked}() is only available inside a task declared with model= "
                           "naming a model declared with @app.model(...)")
-    return model[1]
+    return model
 
 
 def set_current(obj: Any | None, name: str = "") -> None:

@@ -97,24 +97,28 @@ class ModelStore:
         return {k.decode(): int(v) for k, v in self.client.hgetall(f"{MODEL_READY}{model}").items()}
 
     def record_warm_up(self, decision: dict[str, Any]) -> None:
-        pipe = self.client.pipeline()
-        pipe.lpush(WARM_UPS, json.dumps(decision))
-        pipe.ltrim(WARM_UPS, 0, EVICTIONS_KEPT - 1)
-        pipe.execute()
+        self._record(WARM_UPS, decision)
 
     def warm_ups(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.client.lrange(WARM_UPS, 0, limit - 1)]
+        return self._newest(WARM_UPS, limit)
 
     # --- eviction decisions ----------------------------------------------------------
 
     def record_eviction(self, decision: dict[str, Any]) -> None:
-        pipe = self.client.pipeline()
-        pipe.lpush(EVICTIONS, json.dumps(decision))
-        pipe.ltrim(EVICTIONS, 0, EVICTIONS_KEPT - 1)
-        pipe.execute()
+        self._record(EVICTIONS, decision)
 
     def evictions(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.client.lrange(EVICTIONS, 0, limit - 1)]
+        return self._newest(EVICTIONS, limit)
+
+    def _record(self, key: str, decision: dict[str, Any]) -> None:
+        """Keep the newest ``EVICTIONS_KEPT`` decisions, newest first."""
+        pipe = self.client.pipeline()
+        pipe.lpush(key, json.dumps(decision))
+        pipe.ltrim(key, 0, EVICTIONS_KEPT - 1)
+        pipe.execute()
+
+    def _newest(self, key: str, limit: int) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.client.lrange(key, 0, limit - 1)]
 
     def summary(self) -> dict[str, Any]:
         """For ``status --json``: learned load times, loads done, the latest eviction and warm-up decisions."""
