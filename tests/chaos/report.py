@@ -152,9 +152,11 @@ def render(results: dict[str, Any]) -> str:
             lines += [f"{vanished} left no trace at all (no result, not in `unacked`, in no queue). One possible",
                       "cause, from kombu's code: its Redis transport takes a message off its list (`BRPOP`) and",
                       "records it as unacknowledged in a second round trip; a worker SIGKILLed between the two",
-                      "takes it with it, and no recovery can see a message Redis no longer has. But every task",
-                      "lost this way so far was an `io_once` (a `once=True` task on the gevent worker), which",
-                      "that cause alone would not favour: an open bug, cause not found."]
+                      "takes it with it, and no recovery can see a message Redis no longer has. Every loss so",
+                      "far was on the gevent (`cpu_light`) worker, which, busy, leaves a popped reply unread",
+                      "longest; in the full-size runs each was an `io_once`, and in io-only runs (600 tasks,",
+                      "6 kills of that worker: 3 and 2 lost) an `io_job` too, and one `io_once` that dead-worker",
+                      "recovery had put back. Not proven: an open bug."]
             if f.get("lost_once_claims"):
                 lines += [f"The run-once claims of the lost `once=True` tasks: {', '.join(f['lost_once_claims'])} "
                           "(`none`: never claimed, or claimed by a worker that then died and whose claim "
