@@ -74,7 +74,17 @@ def test_eviction_takes_the_least_recently_used_first_and_only_what_is_needed():
 def test_eviction_weighs_waiting_work_against_reload_cost():
     assert not plan_eviction(GIB, [warm("dear", 1.0, 120.0)], waiting_s=100.0).evicts
     plan = plan_eviction(GIB, [warm("dear", 1.0, 120.0)], waiting_s=121.0)
-    assert plan.evicts and "121.0s > reload 120.0s" in plan.reason
+    assert plan.evicts and "waiting work 121.0s + waited 0.0s > reload 120.0s" in plan.reason
+
+
+def test_a_lone_short_task_is_not_kept_out_for_ever_by_an_idle_model():
+    """Found by the affinity benchmark: 2 s of work never outweighs a 120 s reload, so the last
+    task for a model that does not fit waited for ever. Its wait counts: once it has waited
+    the reload, the idle model goes."""
+    dear = [warm("dear", 1.0, 120.0)]
+    assert not plan_eviction(GIB, dear, waiting_s=2.0, waited_s=100.0).evicts
+    assert plan_eviction(GIB, dear, waiting_s=2.0, waited_s=119.0).evicts
+    assert not plan_eviction(GIB, [warm("brain", 1.0, 1.0, never_evict=True)], waiting_s=2.0, waited_s=1e6).evicts
 
 
 def test_never_evict_models_stay_even_when_enough_work_waits():

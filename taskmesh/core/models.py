@@ -62,13 +62,16 @@ class Eviction:
         return bool(self.evict)
 
 
-def plan_eviction(short_mib: int, idle: Sequence[WarmModel], waiting_s: float) -> Eviction:
+def plan_eviction(short_mib: int, idle: Sequence[WarmModel], waiting_s: float, waited_s: float = 0.0) -> Eviction:
     """Whether to free *short_mib* by evicting idle warm models.
 
     *waiting_s* is the work that memory would serve: the waiting tasks that need it times
-    their expected run times. Victims are taken least recently used first, skipping
-    ``never_evict`` ones, until enough is freed; they go only if *waiting_s* exceeds the sum
-    of their reload times.
+    their expected run times; *waited_s*, how long the oldest of them has waited already.
+    Victims are taken least recently used first, skipping ``never_evict`` ones, until
+    enough is freed; they go only if the two together exceed the sum of their reload
+    times. The wait counts so that a lone short task is not kept out for ever by idle
+    models whose reload it alone would never outweigh: after waiting that long, it has
+    paid the reload once already.
     """
     if short_mib <= 0:
         return Eviction((), "nothing to free")
@@ -86,6 +89,7 @@ def plan_eviction(short_mib: int, idle: Sequence[WarmModel], waiting_s: float) -
                             f"{short_mib} MiB needed{kept}")
     cost = sum(m.reload_s for m in victims)
     names = ", ".join(m.name for m in victims)
-    if waiting_s > cost:
-        return Eviction(tuple(victims), f"evict {names}: waiting work {waiting_s:.1f}s > reload {cost:.1f}s")
-    return Eviction((), f"keep {names}: waiting work {waiting_s:.1f}s <= reload {cost:.1f}s")
+    weighed = f"waiting work {waiting_s:.1f}s + waited {waited_s:.1f}s"
+    if waiting_s + waited_s > cost:
+        return Eviction(tuple(victims), f"evict {names}: {weighed} > reload {cost:.1f}s")
+    return Eviction((), f"keep {names}: {weighed} <= reload {cost:.1f}s")

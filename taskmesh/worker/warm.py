@@ -178,8 +178,9 @@ class WarmModels:
                 for name, m in entry["models"].items()]
         line = [held] + [h for h in c.held if h is not held]
         waiting_s = self._waiting_s(line, held, set(entry["models"]))
+        waited_s = max(time.monotonic() - h.since for h in line)
         plan = Eviction(tuple(idle), "an exclusive batch has the GPU") if forced else plan_eviction(
-            short, idle, waiting_s)
+            short, idle, waiting_s, waited_s)
         task_id = held.message.headers.get("id")
         seen = (tuple(sorted(m.holder for m in idle)), plan.evicts)
         if seen not in self.recorded:
@@ -189,6 +190,7 @@ class WarmModels:
             self.store.record_eviction({
                 "at": time.time(), "node": c.node, "gpu": gpu.uuid, "task": held.message.headers.get("task"),
                 "task_id": task_id, "need_mib": need, "short_mib": short, "waiting_s": round(waiting_s, 3),
+                "waited_s": round(waited_s, 1),
                 "evict": [m.name for m in plan.evict], "kept": [m.name for m in idle if m not in plan.evict],
                 "evicted": plan.evicts, "reason": plan.reason})
         if not plan.evicts:
