@@ -12,7 +12,6 @@ terminating the running ones).
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,6 +22,7 @@ from taskmesh.core.headers import BATCH_HEADER
 from taskmesh.core.need_queues import EXCLUSIVE_QUEUE
 from taskmesh.state.batches import create_job, job, job_progress, mark_cancelled, newest_jobs, result_states
 from taskmesh.state.exclusive import ExclusiveBatches
+from taskmesh.state.once import keep_done_s
 
 NOT_STARTED = ("PENDING", "RECEIVED", "RETRY")
 
@@ -33,13 +33,6 @@ class UnknownBatch(TaskmeshError):
 
 class ExclusiveRefused(TaskmeshError):
     """``submit_batch(exclusive=True)`` cannot start: not a GPU task, or another exclusive batch runs."""
-
-
-def _keep_s(app: Any) -> int:
-    expires = app.conf.result_expires
-    if isinstance(expires, datetime.timedelta):
-        return int(expires.total_seconds()) or 86400
-    return int(expires or 86400)
 
 
 def submit_batch(task: Any, items: Iterable[Any], exclusive: bool = False, reload_after: bool = True,
@@ -56,7 +49,7 @@ def submit_batch(task: Any, items: Iterable[Any], exclusive: bool = False, reloa
     task_ids = [uuid() for _ in items]
     if exclusive:
         options = _exclusive_options(task, batch_id, len(items), reload_after, options)
-    create_job(task.app.redis(), batch_id, task.name, task_ids, _keep_s(task.app))
+    create_job(task.app.redis(), batch_id, task.name, task_ids, keep_done_s(task.app.conf.result_expires))
     for task_id, item in zip(task_ids, items, strict=True):
         task.apply_async((item,), task_id=task_id, **options)
     return batch_id

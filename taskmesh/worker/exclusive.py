@@ -67,8 +67,7 @@ class ExclusiveFollower:
         record, task_ids = found
         backend = self.c.consumer.app.backend
         states = result_states(backend.client, [backend.get_key_for_task(t) for t in task_ids])
-        progress = job_progress(record, states)
-        return progress["done"] + progress["failed"] + progress["revoked"] >= progress["total"]
+        return job_progress(record, states)["running_or_waiting"] <= 0
 
     # --- event loop ------------------------------------------------------------------
 

@@ -89,9 +89,11 @@ def reclaim_orphans(app: Any, watch: OrphanWatch) -> int:
                                            start=0, num=CANDIDATES)
         held = watch.held()
         unheld = [t for t in (bytes_to_str(t) for t in old) if t not in held]
-        for tag in watch.settle(unheld):
+        due = watch.settle(unheld)
+        held = watch.held() if due else held  # once more before restoring: one may have been announced since
+        for tag in due:
             payload = channel.client.hget(channel.unacked_key, tag)
-            if payload is None or tag in watch.held() or not _stamped(payload):
+            if payload is None or tag in held or not _stamped(payload):
                 continue
             task_id = restore_as_new(channel, tag)
             watch.forget(tag)
