@@ -123,6 +123,26 @@ def test_fifty_tasks_for_a_model_warm_on_one_gpu_run_there_with_no_further_load(
 
 
 @pytest.mark.slow
+def test_tasks_sent_to_the_profile_queue_for_a_model_warm_elsewhere_are_handed_over_not_loaded_again(
+        model_app, broker, processes):
+    start_two_gpus(processes, model_app.app)
+    warm = warm_alpha(model_app)
+    busy = model_app.use_alpha.delay(3.0)  # the warm GPU is busy: the other one is free to take from gpu
+    wait_until(lambda: ModelStore(model_app.app.redis()).held(NODES[warm]) and any(
+        e["state"] == "busy" for e in ModelStore(model_app.app.redis()).held(NODES[warm]).values()),
+        "the warm GPU runs the long task")
+    # sent as a producer does that has not yet read that alpha is warm (or names the queue itself)
+    late = [model_app.use_alpha.apply_async((0.05,), queue="gpu") for _ in range(4)]
+    ran = [r.get(timeout=60)["gpus"] for r in late]
+    busy.get(timeout=60)
+    assert ran == [[UUIDS[warm]]] * 4 and loads(model_app) == 1  # no second copy for them
+    # the other GPU took them off gpu and sent them on, rather than loading alpha beside the warm one
+    counters = model_app.app.control.inspect(destination=[NODES[1 - warm]], timeout=5).stats()[
+        NODES[1 - warm]]["taskmesh"]["counters"]
+    assert counters["rerouted"] >= 1, counters
+
+
+@pytest.mark.slow
 def test_a_small_burst_stays_on_the_gpu_that_has_the_model_warm(model_app, broker, processes):
     start_two_gpus(processes, model_app.app)
     warm = warm_alpha(model_app)

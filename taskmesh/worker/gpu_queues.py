@@ -1,8 +1,9 @@
 """Which GPU queues a worker takes from, and where a GPU task goes that it can never run.
 
 A worker whose GPUs can never fit a task publishes it to the need queue of GPUs that
-can (``core.need_queues``), or to ``gpu`` when it sees no GPU at all, and acknowledges
-its own copy; it consumes every registered need queue its GPUs could serve; and a
+can (``core.need_queues``), or to ``gpu`` when it sees no GPU at all (or, for a task whose
+model is warm on another worker, to the model's queue: ``model_queues.hand_over``), and
+acknowledges its own copy; it consumes every registered need queue its GPUs could serve; and a
 worker that sees no GPU consumes no GPU queue (fail closed), saying why. Each function
 takes the worker's ``AdmissionController``.
 """
@@ -13,6 +14,7 @@ import logging
 from typing import Any
 
 from taskmesh.core.gate import Reroute
+from taskmesh.core.model_queues import model_of
 from taskmesh.core.need_queues import can_serve, family
 from taskmesh.core.profiles import Profile
 from taskmesh.core.requirements import Requirement
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 def reroute(controller: Any, message: Any, decision: Reroute, requirement: Requirement) -> None:
     """Publish the message to the queue of GPUs that can run it, then ack it here."""
     queue = decision.queue
-    if queue != Profile.GPU_INTENSIVE.queue:
+    if queue != Profile.GPU_INTENSIVE.queue and model_of(queue) is None:
         controller.registry.register_need_queue(queue, requirement)
     app = controller.consumer.app
     with app.producer_or_acquire() as producer:

@@ -9,6 +9,14 @@ leaves it with Celery's consumer (``Intake.add``/``drop`` over ``add_task_queue`
 leaves stays with it. Burst decisions are recorded with their numbers (``WARM_UPS``): the
 first for each burst (the queue was empty before), then each time the verdict changes or
 the queue has doubled since.
+
+Two things keep one model from being loaded on every GPU by the tasks a producer sent to
+the profile queue before it knew the model was warm (it re-reads every ``app.affinity``
+``CACHE_S``): a worker that admits a task which loads M says so at once (``announce``),
+not at its next update; and a worker that takes such a task from the profile queue while
+another live worker holds or loads M hands it over to M's model queue (``hand_over``, a
+``Reroute``: published there, then acknowledged here) instead of loading M beside it.
+Whether one more copy pays off is the burst rule's to say, not the order of arrival.
 """
 
 from __future__ import annotations
@@ -18,19 +26,52 @@ import time
 from typing import Any
 
 from taskmesh.core.claims import gpu_pool
+from taskmesh.core.gate import Reroute
 from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up, stranded_taker
 from taskmesh.core.models import DEFAULT_LOAD_S
+from taskmesh.state.client import broker_is_redis
 from taskmesh.state.keys import layout
 from taskmesh.state.queues import queue_depths
 
 log = logging.getLogger(__name__)
 EVERY_TICKS = 2
+LIVE_CACHE_S = 1.0  # how stale the live workers read for ``hand_over`` may be
+ANNOUNCED_S = 5.0  # an announced load counts as held until its pool process says it loads it
 
 
 class ModelQueues:
     def __init__(self, controller: Any) -> None:
         self.c = controller
         self.recorded: dict[str, tuple[bool, int]] = {}  # model → (verdict, queued) last recorded
+        self.enabled = bool(controller.gate.config.affinity) and broker_is_redis(controller.consumer.app)
+        self._live: tuple[float, set[str]] = (0.0, set())  # (when read, live nodes)
+        self.announced: dict[str, float] = {}  # model → when a task that loads it was admitted
+
+    def announce(self, model: str) -> None:
+        """This worker has just admitted a task that loads *model*: producers and the other
+        workers learn it now, so the next tasks for it come here rather than loading it again."""
+        if self.enabled:
+            self.announced[model] = time.monotonic()
+            self.c.warm.store.set_ready(self.c.node, {model: self.c.consumer.pool.num_processes}, [])
+
+    def holders_elsewhere(self, model: str) -> list[str]:
+        """The live workers other than this one that say they hold or are loading *model*."""
+        at, live = self._live
+        if time.monotonic() - at > LIVE_CACHE_S:
+            live = {r.node for r in self.c.registry.workers() if self.c.registry.is_alive(r)}
+            self._live = (time.monotonic(), live)
+        return sorted(n for n in self.c.warm.store.ready(model) if n in live and n != self.c.node)
+
+    def hand_over(self, model: str | None, queue: str | None) -> Reroute | None:
+        """Where a task for *model* that is not warm here goes, taken from *queue*: to the
+        model's queue when another live worker holds it and *queue* is not already a model
+        queue (one this worker follows to warm the model, or a stranded one); else ``None``."""
+        if not self.enabled or model not in self.c.warm.specs or queue is None or model_of(queue) is not None:
+            return None
+        holders = self.holders_elsewhere(model)
+        if not holders:
+            return None
+        return Reroute(model_queue(model), f"model {model} is warm on {', '.join(holders)}")
 
     def update(self) -> None:
         c, warm = self.c, self.c.warm
@@ -38,6 +79,9 @@ class ModelQueues:
             return
         entries = warm.read().values()  # a model being loaded counts: its tasks had better wait for that copy
         held = {name for entry in entries for name in [*entry["models"], entry.get("loading")]} & set(warm.specs)
+        now = time.monotonic()
+        self.announced = {m: at for m, at in self.announced.items() if now - at < ANNOUNCED_S and m not in held}
+        held |= set(self.announced)
         slots = c.consumer.pool.num_processes
         # every model not held is withdrawn, not only those announced before: a worker restarted
         # under the same name must not leave producers believing its predecessor's models warm
@@ -47,13 +91,16 @@ class ModelQueues:
         depths = queue_depths(c.registry.client, queues, count_in_flight=False, **layout(c.consumer.app))
         view: dict[str, Any] = {}
         wanted = {model_queue(name) for name in held}
+        warming = {model_of(q) for q in consumed} - held  # followed to load, not loading yet
         for name in warm.specs:
             queue = model_queue(name)
             if name in held:
                 continue
             if not depths[queue].waiting:
                 self.recorded.pop(name, None)  # the next burst is recorded afresh
-            elif self._follow(name, depths[queue].waiting, queue in consumed, view):
+                continue
+            others = sum(self._need(m) for m in warming if m and m != name)  # room they will take
+            if self._follow(name, depths[queue].waiting, queue in consumed, others, view):
                 wanted.add(queue)
         for queue in sorted(wanted - consumed):
             c.intake.add(queue)
@@ -62,24 +109,25 @@ class ModelQueues:
             c.intake.drop(queue)
             log.info("no longer consuming %s: its model is not warm here", queue)
 
-    def _follow(self, name: str, queued: int, consuming: bool, view: dict[str, Any]) -> bool:
-        """Whether to consume the queue of *name*, which is not warm here and has *queued* waiting."""
-        c, store, spec = self.c, self.c.warm.store, self.c.warm.specs[name]
+    def _follow(self, name: str, queued: int, consuming: bool, others: int, view: dict[str, Any]) -> bool:
+        """Whether to consume the queue of *name*, which is not warm here and has *queued* waiting
+        (*others*: the memory of the models this worker follows to load and has not begun to)."""
+        c, store = self.c, self.c.warm.store
         if "live" not in view:  # read once per update, and only when some model queue waits
             view["live"] = {r.node: r for r in c.registry.workers() if c.registry.is_alive(r)}
             view["runs"] = c.registry.mean_runtimes()
             view["learned"] = store.learned()
         holders = {n: s for n, s in store.ready(name).items() if n in view["live"] and n != c.node}
-        need = spec.vram_mib + self._task_vram(name)
+        need, spec = self._need(name), self.c.warm.specs[name]
         margin = c.gate.config.safety_margin_mib
         if not holders:  # stranded: one live worker whose GPUs could ever fit it takes it (and loads it)
             return stranded_taker(name, [n for n, r in view["live"].items()
                                          if any(g.memory_total_mib - margin >= need for g in r.gpus)]) == c.node
-        if consuming:  # warming it: keep taking its tasks until the queue is empty
-            return True
+        if consuming:  # warming it: keep taking its tasks while it still fits beside what else loads here
+            return self._room(need + others, margin)
         load_s = view["learned"].get(name) or spec.load_s or DEFAULT_LOAD_S
         plan = plan_warm_up(queued, view["runs"].get(f"q:{model_queue(name)}"), sum(holders.values()), load_s)
-        room = plan.warm and self._room(need, margin)
+        room = plan.warm and self._room(need + others, margin)
         reason = plan.reason if room or not plan.warm else f"{plan.reason}, but no GPU here has {need} MiB free"
         last = self.recorded.get(name)
         if last is None or last[0] != room or queued >= 2 * last[1]:
@@ -95,9 +143,10 @@ class ModelQueues:
         used = self.c.gate.ledger.used([gpu_pool(g.uuid) for g in gpus])
         return any(g.memory_total_mib - margin - used[gpu_pool(g.uuid)] >= need for g in gpus)
 
-    def _task_vram(self, name: str) -> int:
-        """The most memory a task for *name* declares beside the model."""
+    def _need(self, name: str) -> int:
+        """*name*'s memory and the most a task for it declares beside it."""
         tasks = self.c.consumer.app.tasks.values()
-        return max((t.requirement.vram_mib or 0 for t in tasks
-                    if getattr(getattr(t, "requirement", None), "model", None) == name), default=0)
+        return self.c.warm.specs[name].vram_mib + max(
+            (t.requirement.vram_mib or 0 for t in tasks
+             if getattr(getattr(t, "requirement", None), "model", None) == name), default=0)
 

@@ -8,6 +8,8 @@ hold to the worker's model hash. Here, in the main process:
   (a task with ``model=`` and no ``vram`` needs nothing beyond the model); otherwise its
   reservation also carries the model's memory (``claim``), which the process that loads
   it moves to the model's own reservation — one amount, never counted twice;
+* a task for a model that is not warm here but is on another live worker is handed over
+  to the model's queue (``model_queues.hand_over``) rather than loading a second copy;
 * a GPU task that does not fit because idle warm models hold the memory asks
   ``core.models.plan_eviction``; every decision is recorded with its reason. Eviction
   runs only where one process holds the models (prefork with one slot per GPU, or a
@@ -29,6 +31,7 @@ from typing import Any
 from taskmesh.core.claims import gpu_pool
 from taskmesh.core.gate import Admitted, Decision, Wait
 from taskmesh.core.headers import WARM_HEADER
+from taskmesh.core.model_queues import model_of
 from taskmesh.core.models import (
     BUSY,
     DEFAULT_LOAD_S,
@@ -118,6 +121,11 @@ class WarmModels:
             if evict:
                 held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": 0, "evict": evict}
                 return decision
+        if requirement.model and not requirement.model_choices and self._claim(requirement.model, entries):
+            handed = self.c.model_queues.hand_over(requirement.model, (held.message.delivery_info or {}).get(
+                "routing_key"))
+            if handed is not None:  # warm on another GPU: its tasks go there, not to a second load here
+                return handed
         tried: list[tuple[Any, int, Decision]] = []
         for choice in self._choices(requirement, entries):  # one, or model=[...]'s, warm ones first
             claim = self._claim(choice.model, entries)
@@ -135,6 +143,8 @@ class WarmModels:
         if isinstance(decision, Admitted) and (choice.model in self.specs or evict):
             held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": claim, "evict": evict,
                                                  "model": choice.model}
+            if claim and choice.model in self.specs:
+                self.c.model_queues.announce(choice.model)
         return decision
 
     def _choices(self, requirement: Any, entries: dict[int, dict[str, Any]]) -> list[Any]:
@@ -207,16 +217,24 @@ class WarmModels:
 
     def _waiting_s(self, line: list[Any], held: Any, idle: set[str]) -> float:
         """The work the memory would serve: the held GPU tasks and the next ``QUEUE_SAMPLE`` out
-        of the head's queue, each for its learned mean run time; tasks for the idle models
-        themselves are left out (they need none of it)."""
+        of the head's queue, each for its learned mean run time. Left out: tasks for the idle
+        models themselves (they need none of it), and those taken from a profile queue for a
+        model warm on another worker (they are handed over to it, ``model_queues.hand_over``)."""
+        elsewhere = {name for name in self.specs if self.c.model_queues.holders_elsewhere(name)}
+
+        def served(requirement: Any, queue: str | None) -> bool:
+            model = requirement.model
+            handed_over = model in elsewhere and model_of(queue or "") is None
+            return requirement.needs_gpu and model not in idle and not handed_over
+
         names = collections.Counter(h.message.headers.get("task") for h in line
-                                    if h.requirement.needs_gpu and h.requirement.model not in idle)
+                                    if served(h.requirement, (h.message.delivery_info or {}).get("routing_key")))
         queue = (held.message.delivery_info or {}).get("routing_key")
         if queue:
             app = self.c.consumer.app
             for name, count in next_tasks(self.c.registry.client, queue, QUEUE_SAMPLE, **layout(app)).items():
                 requirement = getattr(app.tasks.get(name), "requirement", None)
-                if requirement is None or (requirement.needs_gpu and requirement.model not in idle):
+                if requirement is None or served(requirement, queue):
                     names[name] += count
         return sum(count * self._expected_run_s(name) for name, count in names.items())
 
@@ -240,3 +258,4 @@ class WarmModels:
             "model_tasks": sum(m.get("tasks", 0) for m in models.values()),
             "model_last_used": max((m.get("last_used", 0) for m in models.values()), default=None),
         }
+
