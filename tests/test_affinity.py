@@ -42,6 +42,21 @@ def test_a_burst_warms_another_gpu_only_when_its_expected_wait_exceeds_the_load_
     assert not plan_warm_up(0, 10.0, 1, 1.0).warm
 
 
+def test_the_wait_counts_the_holders_other_work_and_this_gpus_own():
+    # a holder that also serves another model's 7 s of queued work: 2.1 + 7 s there ...
+    plan = plan_warm_up(queued=7, mean_run_s=0.3, serving_slots=1, load_s=2.0, besides_s=7.0)
+    assert plan.warm and plan.expected_wait_s == pytest.approx(9.1)
+    # ... against a load of 2 s behind 7.5 s of this GPU's own work: they start sooner where they are
+    plan = plan_warm_up(queued=7, mean_run_s=0.3, serving_slots=1, load_s=2.0, besides_s=7.0, own_s=7.5)
+    assert not plan.warm
+    assert plan.reason == ("keep: 7 queued x 0.300s / 1 slot(s) + 7.0s of their other work = 9.1s "
+                           "<= load 2.0s + 7.5s queued here")
+    unknown = plan_warm_up(queued=70, mean_run_s=0.3, serving_slots=1, load_s=2.0, own_s=None)
+    assert not unknown.warm and "no run time measured yet for the work queued here" in unknown.reason
+    assert not plan_warm_up(queued=6, mean_run_s=0.3, serving_slots=1, load_s=2.0).warm  # 1.8 s against 2 s: ...
+    assert plan_warm_up(queued=7, mean_run_s=0.3, serving_slots=1, load_s=2.0).warm  # ... and 2.1 s
+
+
 def test_no_run_time_measured_warms_nothing_yet():
     plan = plan_warm_up(10_000, None, 1, 1.0)
     assert not plan.warm and plan.reason == "keep: 10000 queued, no run time measured yet"

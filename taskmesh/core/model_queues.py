@@ -8,9 +8,10 @@ in it, so those tasks reach only GPUs that need no load.
 
 A worker without M also consumes M's model queue when:
 
-* the burst rule says so (``plan_warm_up``): the work queued for M, spread over the slots
-  already serving it, would take longer than loading M once more; it then loads M with the
-  first such task and stays a holder; or
+* the burst rule says so (``plan_warm_up``): M's tasks would wait longer where M is warm
+  (M's queued work spread over the slots serving it, plus the holders' other queued work)
+  than here (M's load time plus the work queued for the models this GPU holds); it then
+  loads M with the first such task and stays a holder; or
 * nobody holds M (evicted everywhere, its holders dead) and messages wait there: one live
   worker whose GPUs could ever fit M, the same one by every worker's reckoning
   (``stranded_taker``), takes them and loads M, so a model queue never strands its messages.
@@ -46,24 +47,34 @@ class WarmUp:
     reason: str
 
 
-def plan_warm_up(queued: int, mean_run_s: float | None, serving_slots: int, load_s: float) -> WarmUp:
+def plan_warm_up(queued: int, mean_run_s: float | None, serving_slots: int, load_s: float,
+                 besides_s: float = 0.0, own_s: float | None = 0.0) -> WarmUp:
     """Whether a GPU without the model should load it to serve *queued* tasks waiting for it.
 
-    The expected wait is ``queued × mean_run_s / serving_slots``: how long the GPUs that hold
-    the model would take to drain its queue. Another copy pays off only when that exceeds the
-    model's (learned) load time. Before a run of the model's tasks was measured the wait is
-    unknown and nothing is warmed: the holders keep serving and a measurement follows within
-    seconds. No slot serving it is the stranded case, handled apart (any GPU that fits takes it).
+    The expected wait of those tasks where the model is warm is ``queued × mean_run_s /
+    serving_slots`` plus *besides_s*, the other work queued for the GPUs that hold it (they
+    serve every model they hold, so the wait is theirs, not one queue's). Here, they would
+    wait for the model's (learned) load time plus *own_s*, the work already queued for the
+    models this GPU holds. Another copy pays off only when the wait there is the longer.
+    Before a run of the model's tasks (or of those queued here, *own_s* ``None``) was
+    measured the comparison is unknown and nothing is warmed: the holders keep serving and
+    a measurement follows within seconds. No slot serving it is the stranded case, handled
+    apart (any GPU that fits takes it).
     """
     if queued <= 0:
         return WarmUp(False, 0.0, load_s, "nothing queued")
     if mean_run_s is None:
         return WarmUp(False, 0.0, load_s, f"keep: {queued} queued, no run time measured yet")
-    wait = queued * mean_run_s / max(serving_slots, 1)
-    numbers = f"{queued} queued x {mean_run_s:.3f}s / {serving_slots} slot(s) = {wait:.1f}s"
-    if wait > load_s:
-        return WarmUp(True, wait, load_s, f"warm: {numbers} > load {load_s:.1f}s")
-    return WarmUp(False, wait, load_s, f"keep: {numbers} <= load {load_s:.1f}s")
+    if own_s is None:
+        return WarmUp(False, 0.0, load_s, f"keep: {queued} queued, but no run time measured yet for the work "
+                                          "queued here")
+    wait = queued * mean_run_s / max(serving_slots, 1) + besides_s
+    besides = f" + {besides_s:.1f}s of their other work" if besides_s else ""
+    numbers = f"{queued} queued x {mean_run_s:.3f}s / {serving_slots} slot(s){besides} = {wait:.1f}s"
+    here = f"load {load_s:.1f}s" + (f" + {own_s:.1f}s queued here" if own_s else "")
+    if wait > load_s + own_s:
+        return WarmUp(True, wait, load_s, f"warm: {numbers} > {here}")
+    return WarmUp(False, wait, load_s, f"keep: {numbers} <= {here}")
 
 
 def stranded_taker(model: str, nodes: list[str]) -> str | None:

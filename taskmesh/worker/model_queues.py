@@ -87,21 +87,21 @@ class ModelQueues:
         # under the same name must not leave producers believing its predecessor's models warm
         warm.store.set_ready(c.node, dict.fromkeys(held, slots), sorted(set(warm.specs) - held))
         consumed = {q for q in c.intake.consumed() if model_of(q) is not None}
-        queues = [model_queue(name) for name in warm.specs if name not in held]
+        queues = [model_queue(name) for name in warm.specs]
         depths = queue_depths(c.registry.client, queues, count_in_flight=False, **layout(c.consumer.app))
-        view: dict[str, Any] = {}
+        view: dict[str, Any] = {"waiting": {name: depths[model_queue(name)].waiting for name in warm.specs}}
         wanted = {model_queue(name) for name in held}
         warming = {model_of(q) for q in consumed} - held  # followed to load, not loading yet
         for name in warm.specs:
-            queue = model_queue(name)
             if name in held:
                 continue
-            if not depths[queue].waiting:
+            if not view["waiting"][name]:
                 self.recorded.pop(name, None)  # the next burst is recorded afresh
                 continue
             others = sum(self._need(m) for m in warming if m and m != name)  # room they will take
-            if self._follow(name, depths[queue].waiting, queue in consumed, others, view):
-                wanted.add(queue)
+            if self._follow(name, model_queue(name) in consumed, others, held, view):
+                wanted.add(model_queue(name))
+                warming.add(name)  # the next model weighed here counts the room this one takes
         for queue in sorted(wanted - consumed):
             c.intake.add(queue)
             log.info("consuming %s", queue)
@@ -109,15 +109,17 @@ class ModelQueues:
             c.intake.drop(queue)
             log.info("no longer consuming %s: its model is not warm here", queue)
 
-    def _follow(self, name: str, queued: int, consuming: bool, others: int, view: dict[str, Any]) -> bool:
-        """Whether to consume the queue of *name*, which is not warm here and has *queued* waiting
+    def _follow(self, name: str, consuming: bool, others: int, held: set[str], view: dict[str, Any]) -> bool:
+        """Whether to consume the queue of *name*, which is not warm here and has messages waiting
         (*others*: the memory of the models this worker follows to load and has not begun to)."""
         c, store = self.c, self.c.warm.store
         if "live" not in view:  # read once per update, and only when some model queue waits
             view["live"] = {r.node: r for r in c.registry.workers() if c.registry.is_alive(r)}
             view["runs"] = c.registry.mean_runtimes()
             view["learned"] = store.learned()
-        holders = {n: s for n, s in store.ready(name).items() if n in view["live"] and n != c.node}
+            view["ready"] = {m: {n: s for n, s in store.ready(m).items() if n in view["live"] or n == c.node}
+                             for m in c.warm.specs}
+        holders = {n: s for n, s in view["ready"][name].items() if n != c.node}
         need, spec = self._need(name), self.c.warm.specs[name]
         margin = c.gate.config.safety_margin_mib
         if not holders:  # stranded: one live worker whose GPUs could ever fit it takes it (and loads it)
@@ -125,8 +127,12 @@ class ModelQueues:
                                          if any(g.memory_total_mib - margin >= need for g in r.gpus)]) == c.node
         if consuming:  # warming it: keep taking its tasks while it still fits beside what else loads here
             return self._room(need + others, margin)
+        queued = view["waiting"][name]
         load_s = view["learned"].get(name) or spec.load_s or DEFAULT_LOAD_S
-        plan = plan_warm_up(queued, view["runs"].get(f"q:{model_queue(name)}"), sum(holders.values()), load_s)
+        besides = min(self._backlog_s({m for m, nodes in view["ready"].items() if node in nodes} - {name}, view)
+                      or 0.0 for node in holders)  # a holder's unmeasured work: not counted, as if none
+        plan = plan_warm_up(queued, view["runs"].get(f"q:{model_queue(name)}"), sum(holders.values()), load_s,
+                            besides, self._backlog_s(held, view))
         room = plan.warm and self._room(need + others, margin)
         reason = plan.reason if room or not plan.warm else f"{plan.reason}, but no GPU here has {need} MiB free"
         last = self.recorded.get(name)
@@ -137,6 +143,19 @@ class ModelQueues:
                                   "load_s": round(load_s, 3), "warm": room, "reason": reason})
             log.info("model %s: %s", name, reason)
         return room
+
+    @staticmethod
+    def _backlog_s(models: set[str], view: dict[str, Any]) -> float | None:
+        """The queued work of *models* a GPU holding them serves: each model queue's messages
+        times its measured mean run, shared by its holders' slots; ``None`` when messages wait
+        for one whose run was never measured."""
+        total = 0.0
+        for model in models:
+            waiting, run = view["waiting"].get(model, 0), view["runs"].get(f"q:{model_queue(model)}")
+            if waiting and not run:
+                return None
+            total += waiting * (run or 0.0) / max(sum(view["ready"].get(model, {}).values()), 1)
+        return total
 
     def _room(self, need: int, margin: int) -> bool:
         gpus = list(self.c.gate.known.values())
