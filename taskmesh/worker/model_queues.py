@@ -29,6 +29,7 @@ from taskmesh.core.claims import gpu_pool
 from taskmesh.core.gate import Reroute
 from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up, stranded_taker
 from taskmesh.core.models import DEFAULT_LOAD_S
+from taskmesh.core.profiles import Profile
 from taskmesh.state.client import broker_is_redis
 from taskmesh.state.keys import layout
 from taskmesh.state.queues import queue_depths
@@ -62,11 +63,15 @@ class ModelQueues:
             self._live = (time.monotonic(), live)
         return sorted(n for n in self.c.warm.store.ready(model) if n in live and n != self.c.node)
 
-    def hand_over(self, model: str | None, queue: str | None) -> Reroute | None:
-        """Where a task for *model* that is not warm here goes, taken from *queue*: to the
-        model's queue when another live worker holds it and *queue* is not already a model
-        queue (one this worker follows to warm the model, or a stranded one); else ``None``."""
-        if not self.enabled or model not in self.c.warm.specs or queue is None or model_of(queue) is not None:
+    def hand_over(self, requirement: Any, queue: str | None) -> Reroute | None:
+        """Where a one-GPU task for a model that is not warm here goes, taken from the profile
+        queue *queue*: to the model's queue when another live worker holds the model; else
+        ``None``. A task from any other queue (a model queue this worker follows to warm the
+        model, a stranded one, a need queue, one the sender named) keeps its queue, as the
+        producer's routing does."""
+        model = requirement.model
+        if not self.enabled or model not in self.c.warm.specs or queue != Profile.GPU_INTENSIVE.queue or (
+                requirement.gpus != 1):
             return None
         holders = self.holders_elsewhere(model)
         if not holders:

@@ -31,7 +31,6 @@ from typing import Any
 from taskmesh.core.claims import gpu_pool
 from taskmesh.core.gate import Admitted, Decision, Wait
 from taskmesh.core.headers import WARM_HEADER
-from taskmesh.core.model_queues import model_of
 from taskmesh.core.models import (
     BUSY,
     DEFAULT_LOAD_S,
@@ -43,6 +42,7 @@ from taskmesh.core.models import (
     WarmModel,
     plan_eviction,
 )
+from taskmesh.core.profiles import Profile
 from taskmesh.state.keys import RUNTIMES, layout
 from taskmesh.state.models import ModelStore
 from taskmesh.state.queues import next_tasks
@@ -122,8 +122,7 @@ class WarmModels:
                 held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": 0, "evict": evict}
                 return decision
         if requirement.model and not requirement.model_choices and self._claim(requirement.model, entries):
-            handed = self.c.model_queues.hand_over(requirement.model, (held.message.delivery_info or {}).get(
-                "routing_key"))
+            handed = self.c.model_queues.hand_over(requirement, (held.message.delivery_info or {}).get("routing_key"))
             if handed is not None:  # warm on another GPU: its tasks go there, not to a second load here
                 return handed
         tried: list[tuple[Any, int, Decision]] = []
@@ -218,13 +217,13 @@ class WarmModels:
     def _waiting_s(self, line: list[Any], held: Any, idle: set[str]) -> float:
         """The work the memory would serve: the held GPU tasks and the next ``QUEUE_SAMPLE`` out
         of the head's queue, each for its learned mean run time. Left out: tasks for the idle
-        models themselves (they need none of it), and those taken from a profile queue for a
+        models themselves (they need none of it), and those taken from the profile queue for a
         model warm on another worker (they are handed over to it, ``model_queues.hand_over``)."""
         elsewhere = {name for name in self.specs if self.c.model_queues.holders_elsewhere(name)}
 
         def served(requirement: Any, queue: str | None) -> bool:
             model = requirement.model
-            handed_over = model in elsewhere and model_of(queue or "") is None
+            handed_over = model in elsewhere and queue == Profile.GPU_INTENSIVE.queue and requirement.gpus == 1
             return requirement.needs_gpu and model not in idle and not handed_over
 
         names = collections.Counter(h.message.headers.get("task") for h in line
