@@ -156,7 +156,8 @@ class Poller(kombu_redis.MultiChannelPoller):
     def _pause_brpop(self, channel: Any, fileno: int) -> None:
         if isinstance(channel, Channel) and channel._fetching is not None and channel._in_poll:
             try:
-                channel._brpop_read()  # the script does not block: its reply is there or nearly
+                # envelope's guard included; a script does not block: its reply is there or nearly
+                channel.handlers["BRPOP"]()
             except Empty:
                 pass
             return
