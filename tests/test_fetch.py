@@ -112,3 +112,13 @@ def test_an_idle_channel_waits_in_redis_between_fetches_and_does_not_spin(broker
         consumer_conn.drain_events(timeout=0.5)
     # one wait of fetch_idle_s in Redis after each empty fetch; a busy loop would make thousands
     assert 1 <= waits() - before <= 0.5 / Channel.fetch_idle_s + 2
+
+
+def test_a_queue_consumed_without_acks_leaves_nothing_unacknowledged(broker_url, broker, consumer_conn):
+    """Found by tests/test_fencing.py: a worker's pidbox replies (mingle, inspect) are consumed
+    with no_ack, which kombu never records; a record written for one would never be removed."""
+    publish(broker_url, {"n": 1})
+    got = []
+    Consumer(consumer_conn, [QUEUE], no_ack=True, callbacks=[lambda body, message: got.append(body)]).consume()
+    consumer_conn.drain_events(timeout=5)
+    assert got == [{"n": 1}] and not broker.hlen(UNACKED) and not broker.zcard("unacked_index")

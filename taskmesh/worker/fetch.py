@@ -71,9 +71,14 @@ class Channel(kombu_redis.Channel):
     _idle = False  # the last fetch found nothing: wait before the next
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._unrecorded: set[str] = set()  # queues consumed with no_ack (pidbox replies): kombu records none
         super().__init__(*args, **kwargs)
         self._fetch_sha = self.client.script_load(FETCH)
         self._unfetch = self.client.register_script(UNFETCH)
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        (self._unrecorded.add if no_ack else self._unrecorded.discard)(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _prefixed(self, keys: list[str]) -> list[str]:
         return [f"{self.global_keyprefix}{key}" for key in keys]
@@ -89,10 +94,13 @@ class Channel(kombu_redis.Channel):
             queues = self._queue_cycle.consume(len(self.active_queues))
             if not queues:
                 return
-            lists = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+            pairs = [(self._q_for_pri(queue, pri), int(queue not in self._unrecorded))
+                     for pri in self.priority_steps for queue in queues]
+            lists = [key for key, _ in pairs]
             keys = self._prefixed([self.unacked_key, self.unacked_index_key, *lists])
             self._fetching = lists
-            connection.send_command("EVALSHA", self._fetch_sha, len(keys), *keys, repr(time()))
+            connection.send_command("EVALSHA", self._fetch_sha, len(keys), *keys, repr(time()),
+                                    *(record for _, record in pairs))
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
 
