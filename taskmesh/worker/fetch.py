@@ -20,12 +20,13 @@ A script cannot block. When every list is empty the channel waits ``fetch_idle_s
 transport option, 0.05 s by default) in Redis itself, a ``BLPOP`` on ``FETCH_IDLE``, which
 nothing pushes to, then fetches again: kombu's poller (the event loop of a prefork worker,
 ``drain_events`` of a gevent, thread or solo one) keeps waiting on the socket as before,
-without a busy loop. An idle worker sends about two commands per ``fetch_idle_s``, and a
-message sent to an idle worker waits up to that long more; under load every fetch takes a
-message and none waits. A reply kombu would leave unread (the prefetch shrank meanwhile) is
-read and its message put back at the head of its list (``lua/unfetch.lua``), so a recorded
-message never sits unannounced in a live worker's socket, where the orphan sweep would
-deliver it a second time.
+without a busy loop. An idle Redis ends a ``BLPOP`` timeout on its 10 Hz timer, so a message
+sent to an idle worker waits up to about 0.15 s (60 ms median in ``benchmarks/fetch.py``,
+3 ms with ``BRPOP``); under load every fetch takes a message and none waits, and a message
+costs one round trip fewer than kombu's pop and record. A reply kombu would leave unread
+(the prefetch shrank meanwhile) is read and its message put back at the head of its list
+(``lua/unfetch.lua``), so a recorded message never sits unannounced in a live worker's
+socket, where the orphan sweep would deliver it a second time.
 
 Used by every worker of a taskmesh app with a ``redis://`` or ``rediss://`` broker
 (``use_for_redis``, called by the admission step): kombu's ``redis`` and ``rediss`` names
