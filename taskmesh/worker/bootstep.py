@@ -27,13 +27,14 @@ from taskmesh.core.profiles import Profile
 from taskmesh.core.redact import redacted
 from taskmesh.hardware.inventory import detect, visible_gpu_uuids
 from taskmesh.hardware.providers import provider_from_env
-from taskmesh.state.client import STATE_ENV, state_client, state_redis_url
+from taskmesh.state.client import STATE_ENV, broker_redis_url, state_client, state_redis_url
 from taskmesh.state.ledger import Ledger
 from taskmesh.state.once import OnceClaims, keep_done_s
 from taskmesh.state.registry import Registry
 from taskmesh.worker import control, strategy
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.envelope import guard_unreadable
+from taskmesh.worker.fetch import use_for_redis
 from taskmesh.worker.heartbeat import Heartbeat
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.once import OnceGuard
@@ -81,6 +82,8 @@ class AdmissionStep(bootsteps.StartStopStep):
         self.warned = False
         c.taskmesh_admission = None
         one_line_unknown_tasks()
+        if broker_redis_url(c.app).startswith(("redis://", "rediss://")) and not c.app.conf.broker_transport:
+            use_for_redis()  # before the consumer connects: a fetch records what it takes (worker/fetch.py)
 
     def _create(self, c: Any) -> AdmissionController | None:
         app = c.app

@@ -1,11 +1,12 @@
 """A worker survives what kombu cannot read off its Redis lists.
 
-kombu's Redis channel pops a message (``BRPOP``), parses the stored envelope and builds
-a ``Message`` inside the event loop; an item that is not JSON, not a mapping, or whose
-``headers``/``properties`` are of the wrong type raises there, outside anything Celery
-catches, and the worker stops with "Unrecoverable error" (plain Celery does the same).
-Such an item was already taken off its list, and nothing was stored for it in
-kombu's unacked hash, so it cannot be acknowledged or delivered again: it is logged
+kombu's Redis channel pops a message (``BRPOP``; a taskmesh worker's ``fetch``), parses
+the stored envelope and builds a ``Message`` inside the event loop; an item that is not
+JSON, not a mapping, or whose ``headers``/``properties`` are of the wrong type raises
+there, outside anything Celery catches, and the worker stops with "Unrecoverable error"
+(plain Celery does the same). Such an item was already taken off its list, and nothing
+is kept for it in kombu's unacked hash (``fetch`` removes the record it wrote), so it
+cannot be acknowledged or delivered again: it is logged
 as dropped, with the fix, and the loop goes on. Broker connection errors still
 propagate, so Celery reconnects as before. Everything readable reaches Celery and the
 admission controller as usual; messages that Celery could read but taskmesh cannot
