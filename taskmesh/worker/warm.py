@@ -121,7 +121,9 @@ class WarmModels:
             if evict:
                 held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": 0, "evict": evict}
                 return decision
-        if requirement.model and not requirement.model_choices and self._claim(requirement.model, entries):
+        # one message only: a micro-batch's envelope stands for many and cannot be published on
+        if requirement.model and not requirement.model_choices and hasattr(held.message, "ack") and self._claim(
+                requirement.model, entries):
             handed = self.c.model_queues.hand_over(requirement, (held.message.delivery_info or {}).get("routing_key"))
             if handed is not None:  # warm on another GPU: its tasks go there, not to a second load here
                 return handed
@@ -257,4 +259,3 @@ class WarmModels:
             "model_tasks": sum(m.get("tasks", 0) for m in models.values()),
             "model_last_used": max((m.get("last_used", 0) for m in models.values()), default=None),
         }
-
