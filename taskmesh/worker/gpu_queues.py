@@ -18,7 +18,6 @@ from taskmesh.core.model_queues import model_of
 from taskmesh.core.need_queues import can_serve, family
 from taskmesh.core.profiles import Profile
 from taskmesh.core.requirements import Requirement
-from taskmesh.worker import strategy
 from taskmesh.worker.rabbitmq import wire_priority
 
 log = logging.getLogger(__name__)
@@ -45,8 +44,6 @@ def reroute(controller: Any, message: Any, decision: Reroute, requirement: Requi
     message.ack()
     with controller.lock:
         controller.tags.pop(message.headers.get("id"), None)
-    if strategy.once_guard is not None:  # a once=True run's claim goes with it, or its new taker parks it
-        strategy.once_guard.ended(message.headers.get("id"), ran=False)
     controller.counters["rerouted"] += 1
     level = logging.WARNING if queue == Profile.GPU_INTENSIVE.queue else logging.INFO
     log.log(level, "task %s (%s): %s; sent to queue %s", message.headers.get("id"), message.headers.get("task"),
