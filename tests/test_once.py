@@ -15,7 +15,9 @@ import uuid
 
 import pytest
 
+from taskmesh.core.records import GpuRecord, WorkerRecord
 from taskmesh.state.keys import COUNTERS, UNACKED
+from taskmesh.state.registry import Registry
 
 from .conftest import bind, queue_depth, wait_for_workers, wait_until
 
@@ -72,6 +74,27 @@ def test_a_duplicate_of_a_run_still_going_waits_for_it_then_is_skipped(once_app,
     wait_until(lambda: settled(broker), "the duplicate settled")
     time.sleep(1.0)
     assert runs(broker, task_id) == runs_expected
+
+
+@pytest.mark.slow
+def test_a_run_sent_on_to_gpus_that_fit_it_runs_there_at_once_not_after_its_claim_expires(once_app, broker,
+                                                                                           processes):
+    """A worker whose GPU is too small sends the task on (a need queue) and gives its claim back
+    with it: the worker that takes it next runs it, rather than parking it for ``dead_after_s``."""
+    env = {"TASKMESH_DEAD_AFTER_S": "600"}  # a claim kept by mistake would outlast the test
+    host = os.uname().nodename
+    processes.celery_worker(APP, "-Q", "gpu", "-c", "1", "-n", "small@%h",
+                            env={**env, "TASKMESH_SIMULATE_GPUS": "1x16GiB"})
+    wait_for_workers(once_app.app, [f"small@{host}"])
+    seen = WorkerRecord(node=f"large@{host}", incarnation="earlier", host=host, queues=("gpu",), cpu_threads=2,
+                        memory_total_mib=8192, gpus=(GpuRecord("GPU-large", 0, "sim", 24576, (8, 9)),))
+    Registry(broker).stopped(seen)  # a GPU that fits it was seen today: the send is not refused
+    result = once_app.big_gpu_once.apply_async((0.1,), queue="gpu")
+    wait_until(lambda: queue_depth(broker, "gpu.20480MiB") == 1, "the small worker sent the task on")
+    processes.celery_worker(APP, "-Q", "gpu", "-c", "1", "-n", "large@%h",
+                            env={**env, "TASKMESH_SIMULATE_GPUS": "1x24GiB"})
+    assert result.get(timeout=90) == result.id
+    assert runs(broker, result.id) == 1 and int(broker.hget(COUNTERS, "duplicates_parked") or 0) == 0
 
 
 @pytest.mark.slow

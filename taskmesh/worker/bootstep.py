@@ -131,6 +131,7 @@ class AdmissionStep(bootsteps.StartStopStep):
             self.reporter = Reporter(self.controller)
             self.heartbeat = Heartbeat(c.app, self.controller, self.reporter)
             self.heartbeat.refreshers.append(self.once.refresh)
+            self.controller.handed_on.append(self.once.handed_on)
             self.heartbeat.start()
             _say_mixed_without_gpu(self.controller)
         c.taskmesh_admission = self.controller

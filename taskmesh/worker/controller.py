@@ -75,6 +75,8 @@ class AdmissionController:
         self.warm = WarmModels(self)  # declared models: what the pool processes hold, eviction
         self.exclusive = ExclusiveFollower(self)  # an exclusive batch job, while one has every GPU
         self.model_queues = ModelQueues(self)  # affinity: the model queues this worker consumes
+        # told the id of each message this worker gave up unrun (sent on, handed back): the run-once guard
+        self.handed_on: list[Callable[[str], None]] = []
 
     # --- messages -------------------------------------------------------------------
 
@@ -230,8 +232,14 @@ class AdmissionController:
             line.pop()
             with self.lock:
                 self.tags.pop(held.message.headers.get("id"), None)
+            self.gave_up(held.message.headers.get("id"))
             self.counters["requeued"] += 1
             log.warning("requeued task %s: %s", held.message.headers.get("id"), why)
+
+    def gave_up(self, task_id: str) -> None:
+        """*task_id*'s message left this worker unrun: whoever takes it next may run it."""
+        for hook in self.handed_on:
+            hook(task_id)
 
     def let_go(self) -> None:
         """The consumer stops (lost connection, shutdown): kombu puts its channel's unacked messages back.

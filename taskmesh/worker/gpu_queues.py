@@ -44,6 +44,7 @@ def reroute(controller: Any, message: Any, decision: Reroute, requirement: Requi
     message.ack()
     with controller.lock:
         controller.tags.pop(message.headers.get("id"), None)
+    controller.gave_up(message.headers.get("id"))
     controller.counters["rerouted"] += 1
     level = logging.WARNING if queue == Profile.GPU_INTENSIVE.queue else logging.INFO
     log.log(level, "task %s (%s): %s; sent to queue %s", message.headers.get("id"), message.headers.get("task"),

@@ -9,7 +9,9 @@ counted (``duplicates_skipped``); one whose run another live holder has is *park
 kept unacknowledged, outside the held line so nothing waits behind it — until that run
 is done (then skipped) or its holder is gone (then it runs). A claim lasts as long as a
 holder is not presumed dead (``admission.dead_after_s``), the same horizon after which
-its messages are given back. A parked message keeps one prefetch slot.
+its messages are given back, or until this worker gives the message up unrun (sent on to
+GPUs that fit it, handed over to a model's queue, handed back to its queue), when the
+claim goes with it. A parked message keeps one prefetch slot.
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ class OnceGuard:
             self.claims.done(key)
         else:
             self.claims.release(key)
+
+    def handed_on(self, task_id: str) -> None:
+        """Its message was sent on or handed back unrun: the claim goes with it, or the worker
+        that takes it next would park it until this claim expired (``dead_after_s``)."""
+        self.ended(task_id, ran=False)
 
     def refresh(self) -> None:
         """From the heartbeat: keep the claims of what this worker still holds; forget the rest."""

@@ -26,3 +26,8 @@ def once_job(self, seconds: float = 0.2) -> str:
 @app.task(bind=True, profile="cpu_intensive", time_limit=120)
 def plain_job(self, seconds: float = 0.2) -> str:
     return _run(self, seconds)
+
+
+@app.task(bind=True, profile="gpu", vram="20GiB", once=True, time_limit=120)
+def big_gpu_once(self, seconds: float = 0.2) -> str:
+    return _run(self, seconds)
