@@ -9,16 +9,19 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 
 import psutil
 import pytest
 import redis
 
 from taskmesh.app.affinity import Affinity
+from taskmesh.core.errors import ModelLoadError
 from taskmesh.core.model_queues import model_of, model_queue, plan_warm_up, stranded_taker
-from taskmesh.hardware.simulated import SimulatedProvider
+from taskmesh.hardware.simulated import SimulatedProvider, SimulationControl
 from taskmesh.state.keys import RUNTIMES
 from taskmesh.state.models import ModelStore
+from taskmesh.worker.model_queues import ANNOUNCED_S
 
 from .conftest import wait_for_workers, wait_until
 from .test_models import events
@@ -205,3 +208,35 @@ def test_tasks_sent_to_a_model_queue_whose_only_holder_died_are_run_by_a_gpu_tha
     stranded = [model_app.use_alpha.delay(0.05) for _ in range(5)]  # so these go to the model queue
     ran = [r.get(timeout=60) for r in stranded]
     assert len(ran) == 5 and loads(model_app) == 2  # a GPU that could fit alpha took them and loaded it
+
+
+@pytest.mark.slow
+def test_a_holder_whose_gpu_fails_stops_drawing_its_models_tasks_and_the_other_gpu_loads_them(
+        model_app, broker, processes):
+    start_two_gpus(processes, model_app.app)
+    warm = warm_alpha(model_app)
+    store = ModelStore(model_app.app.redis())
+    SimulationControl(broker).fail(warm)  # the holder pauses: it takes nothing more from alpha's queue
+    wait_until(lambda: NODES[warm] not in store.ready("alpha"), "the failed GPU's worker withdrew alpha",
+               seen=lambda: store.ready("alpha"))
+    policy = model_app.app.submit_policy()
+    wait_until(lambda: policy.affinity.queue_for("alpha", "gpu", policy.live_nodes) == "gpu",
+               "the producer stops routing alpha to the failed holder")
+    ran = [r.get(timeout=60)["gpus"] for r in [model_app.use_alpha.delay(0.05) for _ in range(3)]]
+    assert ran == [[UUIDS[1 - warm]]] * 3 and loads(model_app) == 2
+
+
+@pytest.mark.slow
+def test_a_load_that_fails_withdraws_its_announcement_as_its_task_ends(model_app, broker, processes):
+    """Announced at admission, a load that then fails must not keep drawing the model's tasks
+    (to its queue, where no copy serves them) for the rest of ``ANNOUNCED_S``."""
+    start_two_gpus(processes, model_app.app)
+    store = ModelStore(model_app.app.redis())
+    sent = time.monotonic()
+    failing = model_app.use_broken.delay()
+    wait_until(lambda: store.ready("broken"), "the load was announced as it was admitted")
+    with pytest.raises(ModelLoadError):
+        failing.get(timeout=60)
+    wait_until(lambda: not store.ready("broken"), "the failed load's announcement withdrawn",
+               seen=lambda: store.ready("broken"))
+    assert time.monotonic() - sent < ANNOUNCED_S  # withdrawn as the task ended, not when the announcement aged

@@ -102,7 +102,7 @@ class AdmissionController:
         # a GPU task that arrives while every slot runs (prefetch grows by held and scheduled messages and
         # shrinks only eventually) waits for one: admitted now, it would be reserved for what the pool cannot
         # start, against models the running task may be evicting; with a lookahead, the line picks
-        if self.held or self._blocked() or self.policy.lookahead or (
+        if self.held or self.blocked() or self.policy.lookahead or (
                 requirement.needs_gpu and self._free_slots() <= 0):
             self._hold(held, backfill=True)
             return
@@ -165,7 +165,7 @@ class AdmissionController:
         self.counters["held"] += 1
         if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
             self.requeue_held("this worker's GPUs are unhealthy")
-        if backfill and not self._blocked():  # behind a waiting head, it may start in a gap now
+        if backfill and not self.blocked():  # behind a waiting head, it may start in a gap now
             start_held(self.held, self._try, self.policy, self._free_slots())
         self._update_intake()
 
@@ -199,7 +199,7 @@ class AdmissionController:
                 self.runtimes[f"{key}:count"] += 1
 
     def retry_held(self) -> None:
-        if not self._blocked():
+        if not self.blocked():
             start_held(self.held, self._try, self.policy, self._free_slots())
         if not self.held:
             self.reasons.pop("waiting", None)
@@ -263,7 +263,7 @@ class AdmissionController:
 
     # --- intake ---------------------------------------------------------------------
 
-    def _blocked(self) -> bool:
+    def blocked(self) -> bool:
         doubt = self.lease.doubt()
         if doubt is None:
             self.reasons.pop("lease", None)
@@ -274,7 +274,7 @@ class AdmissionController:
     def _update_intake(self) -> None:
         # a held message fills a prefetch slot: see the one behind it (and keep ``lookahead`` more)
         self.intake.hold_slots(max(len(self.held), self.policy.lookahead))
-        if self.intake.update(not takes_more(self.held, self.policy) or self._blocked(), self.reasons):
+        if self.intake.update(not takes_more(self.held, self.policy) or self.blocked(), self.reasons):
             self.counters["pauses"] += 1
 
     # --- periodic work --------------------------------------------------------------

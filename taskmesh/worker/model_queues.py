@@ -45,38 +45,48 @@ class ModelQueues:
         self.c = controller
         self.recorded: dict[str, tuple[bool, int]] = {}  # model → (verdict, queued) last recorded
         self.enabled = bool(controller.gate.config.affinity) and broker_is_redis(controller.consumer.app)
-        self._live: tuple[float, set[str]] = (0.0, set())  # (when read, live nodes)
-        self.announced: dict[str, float] = {}  # model → when a task that loads it was admitted
+        self._live: tuple[float, dict[str, Any]] = (0.0, {})  # (when read, live node → its record)
+        self.announced: dict[str, tuple[float, str]] = {}  # model → (when, id of the task admitted to load it)
 
-    def announce(self, model: str) -> None:
+    def announce(self, model: str, task_id: str) -> None:
         """This worker has just admitted a task that loads *model*: producers and the other
-        workers learn it now, so the next tasks for it come here rather than loading it again."""
+        workers learn it now, so the next tasks for it come here rather than loading it again.
+        It lasts until the pool process says it loads it, or that task ends (a failed load)."""
         if self.enabled:
-            self.announced[model] = time.monotonic()
+            self.announced[model] = (time.monotonic(), task_id)
             self.c.warm.store.set_ready(self.c.node, {model: self.c.consumer.pool.num_processes}, [])
 
-    def holders_elsewhere(self, model: str) -> list[str]:
-        """The live workers other than this one that say they hold or are loading *model*."""
+    def holders_elsewhere(self, model: str, need_mib: int = 0) -> list[str]:
+        """The live workers other than this one that say they hold or are loading *model*, with
+        a healthy GPU that could ever fit *need_mib*. The live set may be ``LIVE_CACHE_S`` old;
+        the holders are read each time: a load costs seconds, a stale answer one more copy."""
         at, live = self._live
         if time.monotonic() - at > LIVE_CACHE_S:
-            live = {r.node for r in self.c.registry.workers() if self.c.registry.is_alive(r)}
+            live = {r.node: r for r in self.c.registry.workers() if self.c.registry.is_alive(r)}
             self._live = (time.monotonic(), live)
-        return sorted(n for n in self.c.warm.store.ready(model) if n in live and n != self.c.node)
+        margin = self.c.gate.config.safety_margin_mib
+        return sorted(n for n in self.c.warm.store.ready(model) if n in live and n != self.c.node and any(
+            g.healthy and g.memory_total_mib - margin >= need_mib for g in live[n].gpus))
+
+    def serving_elsewhere(self, requirement: Any, queue: str | None) -> list[str]:
+        """Who serves a task taken from *queue* instead of this worker (``hand_over``): the other
+        live workers that hold its model, when it came from the profile queue and asks for one
+        GPU and one declared model; ``[]`` when it stays here. A task from any other queue (a
+        model queue this worker follows to warm the model, a stranded one, a need queue, one
+        the sender named) keeps its queue, as the producer's routing does."""
+        model = requirement.model
+        if (not self.enabled or model not in self.c.warm.specs or requirement.model_choices
+                or queue != Profile.GPU_INTENSIVE.queue or requirement.gpus != 1):
+            return []
+        return self.holders_elsewhere(model, self.c.warm.specs[model].vram_mib + (requirement.vram_mib or 0))
 
     def hand_over(self, requirement: Any, queue: str | None) -> Reroute | None:
-        """Where a one-GPU task for a model that is not warm here goes, taken from the profile
-        queue *queue*: to the model's queue when another live worker holds the model; else
-        ``None``. A task from any other queue (a model queue this worker follows to warm the
-        model, a stranded one, a need queue, one the sender named) keeps its queue, as the
-        producer's routing does."""
-        model = requirement.model
-        if not self.enabled or model not in self.c.warm.specs or queue != Profile.GPU_INTENSIVE.queue or (
-                requirement.gpus != 1):
-            return None
-        holders = self.holders_elsewhere(model)
+        """A task for a model that is not warm here, taken from *queue*: to the model's queue
+        when another worker serves it (``serving_elsewhere``); else ``None``."""
+        holders = self.serving_elsewhere(requirement, queue)
         if not holders:
             return None
-        return Reroute(model_queue(model), f"model {model} is warm on {', '.join(holders)}")
+        return Reroute(model_queue(requirement.model), f"model {requirement.model} is warm on {', '.join(holders)}")
 
     def update(self) -> None:
         c, warm = self.c, self.c.warm
@@ -85,12 +95,15 @@ class ModelQueues:
         entries = warm.read().values()  # a model being loaded counts: its tasks had better wait for that copy
         held = {name for entry in entries for name in [*entry["models"], entry.get("loading")]} & set(warm.specs)
         now = time.monotonic()
-        self.announced = {m: at for m, at in self.announced.items() if now - at < ANNOUNCED_S and m not in held}
+        self.announced = {m: (at, task_id) for m, (at, task_id) in self.announced.items()
+                          if now - at < ANNOUNCED_S and m not in held and task_id in c.reservations}
         held |= set(self.announced)
         slots = c.consumer.pool.num_processes
         # every model not held is withdrawn, not only those announced before: a worker restarted
-        # under the same name must not leave producers believing its predecessor's models warm
-        warm.store.set_ready(c.node, dict.fromkeys(held, slots), sorted(set(warm.specs) - held))
+        # under the same name must not leave producers believing its predecessor's models warm;
+        # and a worker that takes no work now (lease in doubt, GPUs unhealthy) draws none to it
+        ready = set() if c.blocked() else held
+        warm.store.set_ready(c.node, dict.fromkeys(ready, slots), sorted(set(warm.specs) - ready))
         consumed = {q for q in c.intake.consumed() if model_of(q) is not None}
         queues = [model_queue(name) for name in warm.specs]
         depths = queue_depths(c.registry.client, queues, count_in_flight=False, **layout(c.consumer.app))

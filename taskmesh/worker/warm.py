@@ -42,7 +42,6 @@ from taskmesh.core.models import (
     WarmModel,
     plan_eviction,
 )
-from taskmesh.core.profiles import Profile
 from taskmesh.state.keys import RUNTIMES, layout
 from taskmesh.state.models import ModelStore
 from taskmesh.state.queues import next_tasks
@@ -122,8 +121,7 @@ class WarmModels:
                 held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": 0, "evict": evict}
                 return decision
         # one message only: a micro-batch's envelope stands for many and cannot be published on
-        if requirement.model and not requirement.model_choices and hasattr(held.message, "ack") and self._claim(
-                requirement.model, entries):
+        if hasattr(held.message, "ack") and self._claim(requirement.model, entries):
             handed = self.c.model_queues.hand_over(requirement, (held.message.delivery_info or {}).get("routing_key"))
             if handed is not None:  # warm on another GPU: its tasks go there, not to a second load here
                 return handed
@@ -145,7 +143,7 @@ class WarmModels:
             held.message.headers[WARM_HEADER] = {"reservation": reservation, "claim": claim, "evict": evict,
                                                  "model": choice.model}
             if claim and choice.model in self.specs:
-                self.c.model_queues.announce(choice.model)
+                self.c.model_queues.announce(choice.model, held.message.headers.get("id"))
         return decision
 
     def _choices(self, requirement: Any, entries: dict[int, dict[str, Any]]) -> list[Any]:
@@ -221,12 +219,9 @@ class WarmModels:
         of the head's queue, each for its learned mean run time. Left out: tasks for the idle
         models themselves (they need none of it), and those taken from the profile queue for a
         model warm on another worker (they are handed over to it, ``model_queues.hand_over``)."""
-        elsewhere = {name for name in self.specs if self.c.model_queues.holders_elsewhere(name)}
-
         def served(requirement: Any, queue: str | None) -> bool:
-            model = requirement.model
-            handed_over = model in elsewhere and queue == Profile.GPU_INTENSIVE.queue and requirement.gpus == 1
-            return requirement.needs_gpu and model not in idle and not handed_over
+            return requirement.needs_gpu and requirement.model not in idle and not (
+                self.c.model_queues.serving_elsewhere(requirement, queue))
 
         names = collections.Counter(h.message.headers.get("task") for h in line
                                     if served(h.requirement, (h.message.delivery_info or {}).get("routing_key")))

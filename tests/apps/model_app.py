@@ -48,8 +48,7 @@ small_model = app.model("small", vram="6GiB", load_s=1)(_loader("small"))
 
 
 @app.model("broken", vram="8GiB")
-def broken() -> None:
-    time.sleep(0.2)
+def broken() -> None:  # fails at once, before its worker's next update sees it loading
     raise OSError("weights not found at /models/broken")
 
 

@@ -105,7 +105,10 @@ def _row(name: str, result: dict[str, Any]) -> str:
                           f"{f.get('lost_after_they_started')}",
         "connection_drops": f"{f.get('drops')} drops, at most {f.get('most_held')} held at once",
     }[name]
-    return (f"| {title} | {f['sent']} | {f['lost']} | {f['duplicates']} | {f['duplicates_once']} | {extra} | "
+    once = f["duplicates_once"]
+    if f.get("duplicates_once_unmarked"):
+        once = f"{once} ({f['duplicates_once_unmarked']} killed before its mark)"
+    return (f"| {title} | {f['sent']} | {f['lost']} | {f['duplicates']} | {once} | {extra} | "
             f"{f['ledger_reserved_mib']} |")
 
 
@@ -149,18 +152,19 @@ def render(results: dict[str, Any]) -> str:
                       "orphan sweep gave it back within the run: a bug, and the CI test asserts it does not",
                       "happen (`unacked_left == 0`)."]
         if vanished:
-            lines += [f"{vanished} left no trace at all (no result, not in `unacked`, in no queue). One possible",
-                      "cause, from kombu's code: its Redis transport takes a message off its list (`BRPOP`) and",
-                      "records it as unacknowledged in a second round trip; a worker SIGKILLed between the two",
-                      "takes it with it, and no recovery can see a message Redis no longer has. Every loss so",
-                      "far was on the gevent (`cpu_light`) worker, which, busy, leaves a popped reply unread",
-                      "longest; in the full-size runs each was an `io_once`, and in io-only runs (600 tasks,",
-                      "6 kills of that worker: 3 and 2 lost) an `io_job` too, and one `io_once` that dead-worker",
-                      "recovery had put back. Not proven: an open bug."]
+            lines += [f"{vanished} left no trace at all (no result, not in `unacked`, in no queue). kombu's own",
+                      "fetch lost messages this way (`BRPOP`, then the `unacked` record in a second round trip),",
+                      "which taskmesh's fetch closes (`worker/fetch.py`): a loss now is a bug to find."]
             if f.get("lost_once_claims"):
                 lines += [f"The run-once claims of the lost `once=True` tasks: {', '.join(f['lost_once_claims'])} "
                           "(`none`: never claimed, or claimed by a worker that then died and whose claim "
                           "expired; `returned`/`done` would mean it was skipped unrun)."]
+    if kills.get("status") == "ok" and kills["figures"].get("duplicates_once_unmarked"):
+        lines += ["", f"**{kills['figures']['duplicates_once_unmarked']} `once=True` run(s) ran again in (a)**, each "
+                  "after its process was SIGKILLed within a second of the body's last effect (its end record),",
+                  "before the run was marked done: the one window the README's guarantee leaves open (the mark is",
+                  "one Redis round trip after the body returns; on a busy gevent worker it waits its turn). Any",
+                  "other duplicate of a `once=True` task would be a bug, and the CI test asserts there is none."]
     lines += ["", "## The scenarios", ""]
     for name, result in results["scenarios"].items():
         title, what = SCENARIOS[name]
@@ -182,6 +186,10 @@ def render(results: dict[str, Any]) -> str:
         "(`test_a_worker_killed_within_a_second_of_taking_a_message_hands_it_back`); a `once=True`",
         "task ran twice when its worker was SIGKILLed after the body returned and before the ack",
         "(`tests/test_once.py::test_a_run_whose_body_returned_is_not_run_again_when_its_worker_dies_before_the_ack`);",
+        "tasks vanished (about one per full-size run, all on the gevent worker) because kombu's `BRPOP` takes a",
+        "message off its list and records it as unacknowledged in a second round trip, so a worker killed",
+        "between the two took it with it (proven by `tests/test_fetch_loss.py`); workers now fetch with one",
+        "Lua step that pops and records together (`worker/fetch.py`), and the CI test asserts nothing is lost;",
         "an `io_once` task never ran, left in kombu's `unacked` hash by a worker killed between kombu",
         "recording the delivery and the worker announcing it: orphaned messages are now swept",
         "(`state/orphans.py`, `test_a_message_taken_by_a_process_killed_before_it_said_so_is_delivered_again`).",
