@@ -240,3 +240,20 @@ def test_a_load_that_fails_withdraws_its_announcement_as_its_task_ends(model_app
     wait_until(lambda: not store.ready("broken"), "the failed load's announcement withdrawn",
                seen=lambda: store.ready("broken"))
     assert time.monotonic() - sent < ANNOUNCED_S  # withdrawn as the task ended, not when the announcement aged
+
+
+@pytest.mark.slow
+def test_micro_batch_items_for_a_model_warm_elsewhere_are_handed_over_one_by_one(model_app, broker, processes):
+    start_two_gpus(processes, model_app.app)
+    warm = warm_alpha(model_app)
+    busy = model_app.use_alpha.delay(3.0)  # the warm GPU is busy: the other one is free to take from gpu
+    wait_until(lambda: any(e["state"] == "busy" for e in ModelStore(model_app.app.redis()).held(NODES[warm]).values()),
+               "the warm GPU runs the long task")
+    items = [model_app.embed_alpha.apply_async((i,), queue="gpu") for i in range(4)]
+    ran = [r.get(timeout=60) for r in items]
+    busy.get(timeout=60)
+    assert [r["item"] for r in ran] == [0, 1, 2, 3]
+    assert {tuple(r["gpus"]) for r in ran} == {(UUIDS[warm],)} and loads(model_app) == 1, events(broker)
+    counters = model_app.app.control.inspect(destination=[NODES[1 - warm]], timeout=5).stats()[
+        NODES[1 - warm]]["taskmesh"]["counters"]
+    assert counters["rerouted"] == 4, counters

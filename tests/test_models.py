@@ -27,6 +27,7 @@ from taskmesh.observe.status import collect_status
 from taskmesh.observe.top import warm_line
 from taskmesh.state.keys import MODELS_HELD
 from taskmesh.state.ledger import Ledger
+from taskmesh.state.models import ModelStore
 
 from .conftest import ROOT, wait_for_workers, wait_until
 from .test_status import frame_text
@@ -159,6 +160,16 @@ def test_a_threads_pool_shares_one_copy_among_its_slots(model_app, broker, proce
     assert events(broker) == ["load:cheap"] and len({r["loaded_at"] for r in ran}) == 1
     wait_until(lambda: holders(broker) == {f"model:{node}/{ran[0]['pid']}/cheap": 16 * GIB},
                "one copy counted once the tasks ended")
+
+
+@pytest.mark.slow
+def test_a_task_that_declares_only_its_model_reuses_the_warm_copy_and_does_not_claim_the_whole_gpu(
+        model_app, broker, processes):
+    node = start_gpu(processes, model_app.app)
+    ran = [model_app.use_cheap_only.delay().get(timeout=60) for _ in range(3)]
+    assert len({r["pid"] for r in ran}) == 1 and len({r["loaded_at"] for r in ran}) == 1
+    assert events(broker) == ["load:cheap"]  # loaded once: never evicted to make room for its own task
+    assert not [e for e in ModelStore(model_app.app.redis()).evictions(20) if e["node"] == node and e["evicted"]]
 
 
 @pytest.mark.slow

@@ -193,6 +193,10 @@ class Batcher:
                 live.append(req)
         self.buffer = self.buffer[self.size:]
         controller = getattr(self.consumer, "taskmesh_admission", None)
+        handed = self._hand_over(controller, live)
+        if handed is not None:  # its model is warm on another worker: each item goes to it, not to a load here
+            self._reroute(controller, live, handed)
+            live = []
         while live:
             count = self._items_that_fit(controller, len(live))
             if count is None:
@@ -222,10 +226,19 @@ class Batcher:
         sizes = [g.memory_total_mib - margin for g in controller.gate.gpus() if fits(g, one, margin)]
         return min(count, self.batching.items_that_fit(base, max(sizes))) if sizes else None
 
-    def _reroute(self, controller: Any, requests: list[Any]) -> None:
+    def _hand_over(self, controller: Any, requests: list[Any]) -> Reroute | None:
+        """Items taken from the profile queue for a model warm elsewhere and not here go to its
+        queue one by one, as single tasks do (``model_queues.hand_over``): a batch envelope
+        stands for many messages and cannot be published on itself."""
         base = self.task.requirement
-        decision = (Reroute(Profile.GPU_INTENSIVE.queue, "this worker sees no GPU") if not controller.gate.known
-                    else Reroute(need_queue(base)))
+        if controller is None or not requests or base.model is None or controller.warm.warm_here(base.model):
+            return None
+        return controller.model_queues.hand_over(base, (requests[0].message.delivery_info or {}).get("routing_key"))
+
+    def _reroute(self, controller: Any, requests: list[Any], decision: Reroute | None = None) -> None:
+        base = self.task.requirement
+        decision = decision or (Reroute(Profile.GPU_INTENSIVE.queue, "this worker sees no GPU")
+                                if not controller.gate.known else Reroute(need_queue(base)))
         for req in requests:
             reroute(controller, req.message, decision, base)
             req.acknowledged = True

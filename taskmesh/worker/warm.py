@@ -128,7 +128,8 @@ class WarmModels:
         tried: list[tuple[Any, int, Decision]] = []
         for choice in self._choices(requirement, entries):  # one, or model=[...]'s, warm ones first
             claim = self._claim(choice.model, entries)
-            choice = dataclasses.replace(choice, vram_mib=(choice.vram_mib or 0) + claim) if claim else choice
+            if choice.model in self.specs:  # no ``vram``: nothing beyond the model, not the whole GPU
+                choice = dataclasses.replace(choice, vram_mib=(choice.vram_mib or 0) + claim)
             decision = self.c.gate.decide(choice, reservation)
             tried.append((choice, claim, decision))
             if isinstance(decision, Admitted):
@@ -154,6 +155,10 @@ class WarmModels:
             return [requirement]
         warm = [n for n in names if self._claim(n, entries) == 0]
         return [requirement.with_model(n) for n in warm + [n for n in names if n not in warm]]
+
+    def warm_here(self, model: str) -> bool:
+        """Whether every pool process holds *model* warm, so a task for it needs no load here."""
+        return model in self.specs and self._claim(model, self.read()) == 0
 
     def _claim(self, model: str | None, entries: dict[int, dict[str, Any]]) -> int:
         """The model memory a task must carry: none when the model is warm in whichever process runs it."""

@@ -79,6 +79,12 @@ def use_alpha(seconds: float = 0.05) -> dict[str, Any]:
     return _report(seconds)
 
 
+@app.task(profile="gpu", model="cheap", time_limit=120)
+def use_cheap_only(seconds: float = 0.05) -> dict[str, Any]:
+    """No ``vram`` of its own: it needs the model's memory and nothing more."""
+    return _report(seconds)
+
+
 @app.task(profile="gpu", model="broken", time_limit=120)
 def use_broken() -> dict[str, Any]:
     return _report(0)
@@ -117,3 +123,10 @@ def small(seconds: float = 0.05) -> dict[str, Any]:
     """No model: 4 GiB, which fits beside a warm 16 GiB model on a 24 GiB GPU."""
     time.sleep(seconds)
     return {"gpus": list(current_placement().gpu_uuids)}
+
+
+@app.task(profile="gpu", model="alpha", batch_size=4, batch_wait="300ms", time_limit=120)
+def embed_alpha(items: list[Any]) -> list[dict[str, Any]]:
+    """A micro-batch task for a model: every item reports where it ran."""
+    return [{"item": item, "gpus": list(current_placement().gpu_uuids), "pid": current_model()["pid"]}
+            for item in items]
