@@ -2,7 +2,9 @@
 side by side on one Redis of its own: drain rate under load, the wait a message sent to an
 idle consumer adds, and what an idle consumer spends (its CPU, Redis commands per second).
 
-A kombu consumer in this process with ``drain_events``, the loop of a gevent, thread or solo
+The producer sends with plain kombu, and in the last row also pushes the wake token a
+taskmesh app's producer pushes after each send (``state/fetch_wake.py``). A kombu consumer
+in this process with ``drain_events``, the loop of a gevent, thread or solo
 worker; every message is acknowledged. ``python -m benchmarks.fetch [--messages N]``
 prints one JSON object.
 """
@@ -24,17 +26,20 @@ from kombu.transport.redis import Transport as KombuTransport
 
 from benchmarks.harness import machine
 from taskmesh.run.stack import free_port, redis_command, wait_for_redis
+from taskmesh.state.fetch_wake import wake
 from taskmesh.worker.fetch import Transport as FetchTransport
 
 QUEUE = Queue("bench-fetch", Exchange("bench-fetch", type="direct"), routing_key="bench-fetch")
-TRANSPORTS = {"kombu BRPOP": KombuTransport, "taskmesh fetch": FetchTransport}
+#: name → (the consumer's transport, whether the producer wakes it after each send as a taskmesh app does)
+TRANSPORTS = {"kombu BRPOP": (KombuTransport, False), "taskmesh fetch, plain producer": (FetchTransport, False),
+              "taskmesh fetch, taskmesh producer": (FetchTransport, True)}
 
 
 def commands(client: redis.Redis) -> int:
     return sum(v["calls"] for v in client.info("commandstats").values())
 
 
-def measure(url: str, transport: Any, messages: int, idle_s: float, probes: int) -> dict[str, Any]:
+def measure(url: str, transport: Any, woken: bool, messages: int, idle_s: float, probes: int) -> dict[str, Any]:
     client = redis.Redis.from_url(url)
     client.flushdb()
     got: list[float] = []
@@ -44,14 +49,18 @@ def measure(url: str, transport: Any, messages: int, idle_s: float, probes: int)
         def send(n: int) -> None:
             producer.publish({"sent": time.time(), "n": n}, exchange=QUEUE.exchange, routing_key="bench-fetch",
                              declare=[QUEUE], serializer="json")
+            if woken:
+                wake(client, QUEUE.name)
 
         def on_message(body: dict, message: Any) -> None:
             got.append(time.time() - body["sent"])
             message.ack()
 
         Consumer(conn, [QUEUE], callbacks=[on_message]).consume()
+        start = time.perf_counter()
         for n in range(messages):
             send(n)
+        send_s = time.perf_counter() - start
         start = time.perf_counter()
         while len(got) < messages:
             conn.drain_events(timeout=5)
@@ -77,6 +86,8 @@ def measure(url: str, transport: Any, messages: int, idle_s: float, probes: int)
                     time.sleep(0.2 + (n % 7) * 0.013)  # idle between, at varied phases of the idle wait
                     probe.publish({"sent": time.time(), "n": n}, exchange=QUEUE.exchange,
                                   routing_key="bench-fetch", serializer="json")
+                    if woken:
+                        wake(client, QUEUE.name)
 
             sender = threading.Thread(target=probing)
             sender.start()
@@ -87,7 +98,7 @@ def measure(url: str, transport: Any, messages: int, idle_s: float, probes: int)
                     continue
             sender.join()
         latencies = list(got)
-    return {"drain_msgs_per_s": round(messages / drain_s), "idle": idle,
+    return {"send_msgs_per_s": round(messages / send_s), "drain_msgs_per_s": round(messages / drain_s), "idle": idle,
             "idle_latency_ms": _latency(latencies)}
 
 
@@ -110,8 +121,8 @@ def main() -> None:
         url = f"redis://127.0.0.1:{port}/0"
         try:
             wait_for_redis(url, timeout=30)
-            results = {name: measure(url, cls, args.messages, args.idle_s, args.probes)
-                       for name, cls in TRANSPORTS.items()}
+            results = {name: measure(url, cls, woken, args.messages, args.idle_s, args.probes)
+                       for name, (cls, woken) in TRANSPORTS.items()}
         finally:
             server.terminate()
             server.wait(20)

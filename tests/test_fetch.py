@@ -11,6 +11,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from taskmesh.state.fetch_wake import wake, wake_key
 from taskmesh.state.keys import UNACKED
 from taskmesh.worker.fetch import Channel, Transport
 
@@ -122,3 +123,25 @@ def test_a_queue_consumed_without_acks_leaves_nothing_unacknowledged(broker_url,
     Consumer(consumer_conn, [QUEUE], no_ack=True, callbacks=[lambda body, message: got.append(body)]).consume()
     consumer_conn.drain_events(timeout=5)
     assert got == [{"n": 1}] and not broker.hlen(UNACKED) and not broker.zcard("unacked_index")
+
+
+def test_a_taskmesh_send_ends_an_idle_workers_wait_at_once(broker_url, broker):
+    """The idle wait is set to 30 s: a message that only the timeout would bring could not arrive
+    within the 10 s drain below; the wake token a taskmesh producer pushes brings it."""
+    with Connection(broker_url, transport=Transport, transport_options={"fetch_idle_s": 30}) as conn:
+        got = []
+        Consumer(conn, [QUEUE], callbacks=[lambda body, message: (got.append(body), message.ack())]).consume()
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=0.5)  # nothing to take: the channel now waits in Redis
+        publish(broker_url, {"n": 1})
+        wake(broker, QUEUE.name)
+        conn.drain_events(timeout=10)
+        assert got == [{"n": 1}]
+
+
+def test_every_send_of_a_taskmesh_app_pushes_one_wake_token_for_its_queue(broker, gpu_app):
+    broker.delete(wake_key("cpu_light"))
+    for _ in range(3):
+        gpu_app.app.send_task("tests.apps.elsewhere.some_task", queue="cpu_light")
+    assert broker.lrange(wake_key("cpu_light"), 0, -1) == [b"1"]  # trimmed to one: a busy queue grows nothing
+    assert 0 < broker.ttl(wake_key("cpu_light")) <= 60

@@ -37,7 +37,7 @@ from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.cuda import connect_empty_cache
 from taskmesh.app.dead_letters import connect_dead_letters
 from taskmesh.app.models import declare_model
-from taskmesh.app.sending import prepare_send, requirement_by_name
+from taskmesh.app.sending import connect_wake, prepare_send, requirement_by_name
 from taskmesh.app.task import TaskmeshTask, with_taskmesh
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
 from taskmesh.core.batching import BATCH_OPTIONS
@@ -215,5 +215,6 @@ def create_app(
     app.steps["consumer"].add("taskmesh.worker.bootstep:AdmissionStep")
     connect_empty_cache(app)
     connect_dead_letters(app)
+    connect_wake(app)
     schedule_rebalance(app)
     return app

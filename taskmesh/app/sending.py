@@ -29,12 +29,17 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
+from celery import signals
 from celery.canvas import maybe_signature
 
 from taskmesh.app.routing import ROUTE_OPTION
 from taskmesh.core.headers import ENQUEUED_AT, REQUIREMENT_HEADER
 from taskmesh.core.profiles import Priority, amqp_priority
 from taskmesh.core.requirements import Requirement
+from taskmesh.state.client import broker_redis_url, state_redis_url
+from taskmesh.state.fetch_wake import wake
+from taskmesh.state.keys import layout
 
 RETURNED = "taskmesh_returned"  # set on a worker request once its task body has returned or raised
 CANVAS_OPTIONS = ("chain", "link", "chord")
@@ -79,6 +84,21 @@ def prepare_send(app: Any, name: str, task: Any, args: Any, kwargs: Any, options
     policy.prepare(name, requirement, options, _queue_of(app, route, options), lenient)
     if options.get("router") is None:  # Celery's router, whose answer this is
         options[ROUTE_OPTION] = (route,)
+
+
+def connect_wake(app: Any) -> None:
+    """After each publish to a Redis broker, wake the idle workers of its queue (``state.fetch_wake``),
+    through taskmesh's client when its state is on the broker's Redis (else they wait their
+    timeout); the message is sent already, so a failure here only leaves it to their next fetch."""
+    def woken(routing_key: str | None = None, **_: Any) -> None:
+        broker = broker_redis_url(app)
+        if routing_key and broker and state_redis_url(app) == broker:
+            try:
+                wake(app.redis(), routing_key, layout(app)["keyprefix"])
+            except redis.RedisError:
+                pass
+
+    signals.after_task_publish.connect(woken, weak=False, dispatch_uid=f"taskmesh-wake-{id(app)}")
 
 
 def _lenient(app: Any, options: dict[str, Any]) -> str | None:

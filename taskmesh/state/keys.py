@@ -26,6 +26,7 @@ JANITOR = "taskmesh:janitor"  # lock: one process at a time gives back dead work
 ORPHANS = "taskmesh:orphans"  # delivery tag → when (Redis time) it was first seen unacknowledged and held by no worker
 ORPHAN_SWEEP = "taskmesh:orphan-sweep"  # lock with expiry: one orphan sweep per period in the fleet
 FETCH_IDLE = "taskmesh:fetch-idle"  # a list nothing pushes to: an idle worker's fetch waits on it (worker/fetch.py)
+FETCH_WAKE = "taskmesh:fetch-wake:"  # + queue: one token, pushed by a taskmesh producer after each send to it
 PROGRESS = "taskmesh:progress"  # task id → {done, total, started, updated, task, worker}
 REBALANCE_LOCK = "taskmesh:rebalance:lock"
 REBALANCE_RUNS = "taskmesh:rebalance:runs"  # the latest runs, newest first

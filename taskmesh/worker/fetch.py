@@ -16,14 +16,16 @@ still queued, or unacknowledged (where dead-worker recovery, the orphan sweep an
 ``restore_visible`` find it). ``QoS.append`` then keeps the message locally and does not write
 the record a second time; ack, reject and restore are kombu's, on the same keys.
 
-A script cannot block. When every list is empty the channel waits ``fetch_idle_s`` (a
-transport option, 0.05 s by default) in Redis itself, a ``BLPOP`` on ``FETCH_IDLE``, which
-nothing pushes to, then fetches again: kombu's poller (the event loop of a prefork worker,
-``drain_events`` of a gevent, thread or solo one) keeps waiting on the socket as before,
-without a busy loop. An idle Redis ends a ``BLPOP`` timeout on its 10 Hz timer, so a message
-sent to an idle worker waits up to about 0.15 s (60 ms median in ``benchmarks/fetch.py``,
-3 ms with ``BRPOP``); under load every fetch takes a message and none waits, and a message
-costs one round trip fewer than kombu's pop and record. A reply kombu would leave unread
+A script cannot block. When every list is empty the channel waits in Redis itself, a
+``BLPOP`` on its queues' wake lists (``state/fetch_wake.py``) and ``FETCH_IDLE``, for at
+most ``fetch_idle_s`` (a transport option, 0.05 s by default), then fetches again: kombu's
+poller (the event loop of a prefork worker, ``drain_events`` of a gevent, thread or solo
+one) keeps waiting on the socket as before, without a busy loop. A taskmesh producer pushes
+a wake token after each send, which ends the wait at once; a message from a producer that
+pushes none (plain kombu or Celery) waits for the timeout, which an idle Redis ends on its
+10 Hz timer: up to about 0.15 s (``benchmarks/fetch.py`` has both). Under load every fetch
+takes a message and none waits, and a message costs one round trip fewer than kombu's pop
+and record. A reply kombu would leave unread
 (the prefetch shrank meanwhile) is read and its message put back at the head of its list
 (``lua/unfetch.lua``), so a recorded message never sits unannounced in a live worker's
 socket, where the orphan sweep would deliver it a second time.
@@ -47,6 +49,7 @@ from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
 from taskmesh.state.client import lua
+from taskmesh.state.fetch_wake import wake_key
 from taskmesh.state.keys import FETCH_IDLE
 
 Empty = kombu_redis.Empty
@@ -90,7 +93,8 @@ class Channel(kombu_redis.Channel):
         connection = self.client.connection
         if self._idle:
             self._fetching = None
-            connection.send_command("BLPOP", *self._prefixed([FETCH_IDLE]), self.fetch_idle_s)
+            wake = [wake_key(queue) for queue in self.active_queues]  # a taskmesh producer's send ends the wait
+            connection.send_command("BLPOP", *self._prefixed([*wake, FETCH_IDLE]), self.fetch_idle_s)
         else:
             queues = self._queue_cycle.consume(len(self.active_queues))
             if not queues:
