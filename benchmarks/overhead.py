@@ -9,7 +9,12 @@ drain rate). The worker's own CPU time per task is read from its processes.
 
 Plain Celery runs with taskmesh's settings copied over (``matched``: prefetch 1, late
 ack, task events ...) so the ratio is taskmesh's code, and once more with Celery's
-defaults to show what the settings alone change.
+defaults to show what the settings alone change. ``taskmesh_stack`` is what
+``taskmesh worker --profile all`` starts for each queue: a worker per profile with the
+stack's pool, concurrency and prefetch (``run.workers``: prefork with ``cores`` slots for
+``cpu_intensive``, gevent with 100 for ``cpu_light``), against which the issue's targets
+are set: at least plain Celery's rate with matched settings (``noop_cpu``) and with its
+defaults (``noop_io``).
 """
 
 from __future__ import annotations
@@ -27,11 +32,16 @@ from benchmarks.harness import LocalRedis, Processes, cores, wait_for_workers
 from benchmarks.scenario import Context, Result, ratio
 from benchmarks.systems import start_celery_taskmesh, start_plain
 from taskmesh.app.celery_app import BROKER_ENV
+from taskmesh.run.workers import DEFAULT_IO_CONCURRENCY, DEFAULT_POOLS, DEFAULT_PREFETCH
 
 TITLE = "Overhead: no-op throughput, taskmesh against plain Celery (same pool, interleaved)"
 FULL = {"tasks": 5000, "pairs": 3, "profiles": ["noop_cpu", "noop_io"], "pool": "prefork",
-        "systems": ["taskmesh", "plain_matched", "plain_defaults"]}
+        "systems": ["taskmesh", "taskmesh_stack", "plain_matched", "plain_defaults"]}
 SMOKE = {**FULL, "tasks": 100, "pairs": 1, "profiles": ["noop_cpu"], "systems": ["taskmesh", "plain_matched"]}
+#: profile → the stack's (pool, concurrency or None for the cores, prefetch) for its queue
+STACK = {profile: (DEFAULT_POOLS[queue], DEFAULT_IO_CONCURRENCY if queue == "cpu_light" else None,
+                   DEFAULT_PREFETCH[queue]) for profile, queue in {"noop_cpu": "cpu_intensive",
+                                                                   "noop_io": "cpu_light"}.items()}
 TM_QUEUES = {"noop_cpu": "cpu_intensive", "noop_io": "cpu_light"}
 FLAGS = ("--without-mingle", "--without-gossip")
 
@@ -39,10 +49,22 @@ FLAGS = ("--without-mingle", "--without-gossip")
 class System:
     """One worker kept running for all rounds, idle on a private queue between them."""
 
-    def __init__(self, name: str, broker: str, procs: Processes, concurrency: int, pool: str) -> None:
+    def __init__(self, name: str, broker: str, procs: Processes, concurrency: int, pool: str,
+                 params: dict[str, Any]) -> None:
         self.name = name
         idle = f"bench.idle.{name}"
-        if name == "taskmesh":
+        self.nodes: dict[str, str] = {}  # profile → its own worker (taskmesh_stack only)
+        self.procs: dict[str, Any] = {}
+        if name == "taskmesh_stack":
+            self.app = tm_app.make_app(broker)
+            for profile in params["profiles"]:
+                pool_name, slots, prefetch = STACK[profile]
+                self.nodes[profile] = start_celery_taskmesh(
+                    procs, broker, slots or concurrency, pool=pool_name, queue=idle, name=f"{name}_{profile}",
+                    extra=(*FLAGS, "--prefetch-multiplier", str(prefetch)))
+                self.procs[profile] = procs.procs[-1]
+            self.node = next(iter(self.nodes.values()))
+        elif name == "taskmesh":
             self.app = tm_app.make_app(broker)
             self.node = start_celery_taskmesh(procs, broker, concurrency, pool=pool, queue=idle, name=name,
                                               extra=FLAGS)
@@ -52,13 +74,16 @@ class System:
             self.node = start_plain(procs, broker, concurrency, mode=mode, pool=pool, queue=idle, name=name,
                                     extra=FLAGS)
         self.proc = procs.procs[-1]
-        self.names = tm_app.NAMES if name == "taskmesh" else plain_app.NAMES
+        self.names = tm_app.NAMES if name.startswith("taskmesh") else plain_app.NAMES
 
     def queue(self, profile: str) -> str:
-        return TM_QUEUES[profile] if self.name == "taskmesh" else f"plain.{self.name}"
+        return TM_QUEUES[profile] if self.name.startswith("taskmesh") else f"plain.{self.name}"
 
-    def cpu_seconds(self) -> float:
-        main = psutil.Process(self.proc.pid)
+    def node_for(self, profile: str) -> str:
+        return self.nodes.get(profile, self.node)
+
+    def cpu_seconds(self, profile: str) -> float:
+        main = psutil.Process(self.procs.get(profile, self.proc).pid)
         total = 0.0
         for proc in [main, *main.children(recursive=True)]:
             try:
@@ -83,21 +108,22 @@ def one_round(system: System, profile: str, count: int, client: redis.Redis) -> 
     if backlog(client, queue):
         raise RuntimeError(f"queue {queue} is not empty before a round")
     started = time.perf_counter()
-    options = {} if system.name == "taskmesh" else {"queue": queue}
+    options = {} if system.name.startswith("taskmesh") else {"queue": queue}
     for _ in range(count):
         task.apply_async(**options)
     enqueue_s = time.perf_counter() - started
-    cpu_before = system.cpu_seconds()
+    cpu_before = system.cpu_seconds(profile)
     started = time.perf_counter()
-    system.app.control.add_consumer(queue, destination=[system.node], reply=True, timeout=10)
+    node = system.node_for(profile)
+    system.app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
     deadline = time.monotonic() + 60 + count / 50
     while backlog(client, queue):
         if time.monotonic() > deadline:
             raise RuntimeError(f"{system.name} did not drain {queue} in time")
         time.sleep(0.005)
     drain_s = time.perf_counter() - started
-    cpu_used = system.cpu_seconds() - cpu_before
-    system.app.control.cancel_consumer(queue, destination=[system.node], reply=True, timeout=10)
+    cpu_used = system.cpu_seconds(profile) - cpu_before
+    system.app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
     return {"enqueue_per_s": count / enqueue_s, "drain_per_s": count / drain_s,
             "worker_cpu_us_per_task": cpu_used / count * 1e6}
 
@@ -107,8 +133,8 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
     cpus = cores()
     rounds: dict[tuple[str, str], list[dict[str, float]]] = {}
     with LocalRedis() as server, Processes(ctx.logdir("overhead"), {BROKER_ENV: server.url}) as procs:
-        systems = [System(name, server.url, procs, cpus, params["pool"]) for name in params["systems"]]
-        wait_for_workers(systems[0].app, [s.node for s in systems], procs)
+        systems = [System(name, server.url, procs, cpus, params["pool"], params) for name in params["systems"]]
+        wait_for_workers(systems[0].app, [n for s in systems for n in (s.nodes.values() or [s.node])], procs)
         client = server.client()
         for profile in params["profiles"]:
             for _ in range(params["pairs"]):
@@ -134,6 +160,12 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
             tm_row = next(r for r in result.rows if r["profile"] == profile and r["system"] == "taskmesh")
             result.metrics[f"{profile}_enqueue_ratio"] = ratio(tm_row["enqueue_per_s"], matched["enqueue_per_s"])
             result.target(f"{profile}_drain_ratio", ">= 0.95")
+        baseline = {"noop_cpu": "plain_matched", "noop_io": "plain_defaults"}[profile]
+        if "taskmesh_stack" in params["systems"] and baseline in params["systems"]:
+            stack, base = rounds[(profile, "taskmesh_stack")], rounds[(profile, baseline)]
+            result.metrics[f"{profile}_stack_vs_{baseline}"] = statistics.median(
+                ratio(s["drain_per_s"], b["drain_per_s"]) for s, b in zip(stack, base, strict=True))
+            result.target(f"{profile}_stack_vs_{baseline}", ">= 1.0")
     result.metrics["rounds"] = {f"{p}/{s}": r for (p, s), r in rounds.items()}
     result.metrics["host"] = socket.gethostname()
     result.notes.append("taskmesh_ratio = taskmesh drain rate / this system's, median over interleaved pairs; "

@@ -159,6 +159,7 @@ _QUEUE_SCHEMA = {
     "alert_depth": _optional_int,
     "alert_age_s": _seconds,
     "max_concurrency": _optional_int,
+    "prefetch": _optional_int,
 }
 
 

@@ -43,6 +43,10 @@ GROUP_PROFILES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 DEFAULT_POOLS = {"gpu": "prefork", "cpu_intensive": "prefork", "cpu_light": "gevent", "mixed": "prefork"}
 DEFAULT_IO_CONCURRENCY = 100
+#: Celery's prefetch multiplier per queue: GPU and mixed workers take one message per slot (admission
+#: holds what does not fit, ``admission.lookahead`` looks further); CPU and I/O workers, whose tasks
+#: are short and need no admission, keep more in hand (BENCHMARKS.md, scenario 3).
+DEFAULT_PREFETCH = {"gpu": 1, "mixed": 1, "cpu_intensive": 4, "cpu_light": 1}
 
 
 class PlanError(ValueError):
@@ -59,12 +63,13 @@ class WorkerSpec:
     concurrency: int
     nodename: str
     env: tuple[tuple[str, str], ...] = ()
+    prefetch: int = 1  # Celery's prefetch multiplier
 
     def argv(self, app: str, loglevel: str = "INFO", extra: Iterable[str] = ()) -> list[str]:
         return [
             sys.executable, "-m", "celery", "-A", app, "worker",
             "-Q", self.queue, "-P", self.pool, "-c", str(self.concurrency),
-            "-n", self.nodename, "--loglevel", loglevel, *extra,
+            "-n", self.nodename, "--loglevel", loglevel, "--prefetch-multiplier", str(self.prefetch), *extra,
         ]
 
     def environ(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -141,6 +146,7 @@ def plan_workers(
                 concurrency=min(cfg.concurrency, fits) if cfg.concurrency else sized,
                 nodename=node_name("cpu", host),
                 env=(("CUDA_VISIBLE_DEVICES", ""),) + tuple((name, str(per_task)) for name in THREAD_ENV),
+                prefetch=cfg.prefetch or DEFAULT_PREFETCH["cpu_intensive"],
             )
         )
     if "cpu_light" in wanted:
@@ -153,6 +159,7 @@ def plan_workers(
                 concurrency=cfg.concurrency or DEFAULT_IO_CONCURRENCY,
                 nodename=node_name("io", host),
                 env=(("CUDA_VISIBLE_DEVICES", ""),),
+                prefetch=cfg.prefetch or DEFAULT_PREFETCH["cpu_light"],
             )
         )
     if "mixed" in wanted:

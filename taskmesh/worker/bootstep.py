@@ -68,6 +68,20 @@ def untyped_warning(app_name: str, queues: list[str], pool: str, has_gpu: bool |
             "`-Q cpu_intensive`, `-Q gpu` on a GPU host")
 
 
+def share_result_backend(c: Any) -> None:
+    """On a gevent, eventlet or threads pool, one result backend for the whole worker.
+
+    Celery keeps the backend per thread unless ``result_backend_thread_safe`` says otherwise,
+    and under gevent each greenlet is a thread: every task built a new Redis backend (a
+    sixth of a gevent worker's time per no-op task, ``benchmarks/overhead.py``). Redis's
+    client is safe to share; tasks do not wait on results (Celery refuses ``.get()`` in a
+    task), so the backend's result consumer is not shared either. Producers keep Celery's
+    default."""
+    if type(c.pool).__module__.rsplit(".", 1)[-1] in ("gevent", "eventlet", "thread"):
+        c.app.conf.result_backend_thread_safe = True
+        c.app._backend = c.app._get_backend()  # kept for every thread now: the setter reads the flag
+
+
 class AdmissionStep(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
     label = "taskmesh admission"
@@ -81,6 +95,7 @@ class AdmissionStep(bootsteps.StartStopStep):
         self.timer_entry: Any = None
         self.warned = False
         c.taskmesh_admission = None
+        share_result_backend(c)
         one_line_unknown_tasks()
         if broker_redis_url(c.app).startswith(("redis://", "rediss://")) and not c.app.conf.broker_transport:
             use_for_redis()  # before the consumer connects: a fetch records what it takes (worker/fetch.py)
