@@ -113,9 +113,6 @@ def test_an_unknown_key_with_a_line_break_is_named_on_one_line(tmp_path):
         ("hardware: {gpu: {simulate: lots}}", r"hardware.gpu.simulate: .*'lots' is not a GPU spec"),
         ("tasks: {myapp.t: {vrm: 4GiB}}", r"tasks.myapp.t.vrm: unknown key; did you mean 'vram'"),
         ("hardware: [1, 2]", r"hardware: expected a mapping"),
-        ("queues: {gpu: {prefetch: 4}}", r"queues.gpu.prefetch: 4 would take GPU messages before admission can see "
-                                         r"what fits.*set admission.lookahead"),
-        ("queues: {cpu_light: {prefetch: 0}}", r"queues.cpu_light.prefetch: 0 is not a whole number >= 1"),
     ],
 )
 def test_bad_values_name_the_key_and_the_fix(tmp_path, text, message):

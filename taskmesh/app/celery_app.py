@@ -37,7 +37,7 @@ from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.cuda import connect_empty_cache
 from taskmesh.app.dead_letters import connect_dead_letters
 from taskmesh.app.models import declare_model
-from taskmesh.app.sending import connect_wake, prepare_send, requirement_by_name
+from taskmesh.app.sending import SENDING, connect_wake, prepare_send, requirement_by_name
 from taskmesh.app.task import TaskmeshTask, with_taskmesh
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
 from taskmesh.core.batching import BATCH_OPTIONS
@@ -93,7 +93,11 @@ class TaskmeshCelery(Celery):
         task = options.get("task_type") or self.registered(name)
         with broker_errors(self):  # taskmesh's checks, the result subscription and the publish alike
             prepare_send(self, name, task, args, kwargs, options)
-            return super().send_task(name, args, kwargs, **options)
+            sending = SENDING.set(self)  # so that only this app's wake handler answers the publish
+            try:
+                return super().send_task(name, args, kwargs, **options)
+            finally:
+                SENDING.reset(sending)
 
     def registered(self, name: str | None) -> Any:
         """The task registered under *name* in this process, or ``None`` (finalizing the app

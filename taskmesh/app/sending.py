@@ -25,6 +25,7 @@ first message is published.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -86,13 +87,19 @@ def prepare_send(app: Any, name: str, task: Any, args: Any, kwargs: Any, options
         options[ROUTE_OPTION] = (route,)
 
 
+#: The app whose ``send_task`` is publishing now (Celery's publish signal names no app).
+SENDING: contextvars.ContextVar[Any] = contextvars.ContextVar("taskmesh_sending", default=None)
+
+
 def connect_wake(app: Any) -> None:
-    """After each publish to a Redis broker, wake the idle workers of its queue (``state.fetch_wake``),
-    through taskmesh's client when its state is on the broker's Redis (else they wait their
-    timeout); the message is sent already, so a failure here only leaves it to their next fetch."""
+    """After each publish *app* makes to a Redis broker, wake the idle workers of its queue
+    (``state.fetch_wake``), through taskmesh's client when its state is on the broker's Redis
+    (else they wait their timeout); the message is sent already, so a failure here only
+    leaves it to their next fetch. The wake list is named by the routing key, which is the
+    queue's name unless a route names an exchange and another key (those wait the timeout)."""
     def woken(routing_key: str | None = None, **_: Any) -> None:
         broker = broker_redis_url(app)
-        if routing_key and broker and state_redis_url(app) == broker:
+        if SENDING.get() is app and routing_key and broker and state_redis_url(app) == broker:
             try:
                 wake(app.redis(), routing_key, layout(app)["keyprefix"])
             except redis.RedisError:

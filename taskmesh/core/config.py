@@ -38,7 +38,6 @@ class QueueConfig:
     alert_depth: int | None = None  # alert when more than this many tasks wait
     alert_age_s: float | None = None  # alert when the oldest waiting task is older than this
     max_concurrency: int | None = None  # the rebalancer may grow the pool up to this (gevent: 4x by default)
-    prefetch: int | None = None  # Celery's prefetch multiplier for its workers (None: the stack's, run.workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +183,6 @@ def _resolve(source: str, data: Mapping[str, Any]) -> Config:
         for name, g in data.get("task_groups", {}).items()
     }
     queues = {q: QueueConfig(**data.get("queues", {}).get(q, {})) for q in QUEUES}
-    for name in ("gpu", "mixed"):
-        if (queues[name].prefetch or 1) != 1:
-            raise ConfigError(source, f"queues.{name}.prefetch", f"{queues[name].prefetch} would take GPU messages "
-                              "before admission can see what fits; its workers take one per slot and hold the rest "
-                              "themselves", "remove it; to pick the best fit among more messages, set "
-                              "admission.lookahead")
     admission = dict(data.get("admission", {}))
     if "safety_margin" in admission:
         admission["safety_margin_mib"] = admission.pop("safety_margin")

@@ -159,7 +159,6 @@ _QUEUE_SCHEMA = {
     "alert_depth": _optional_int,
     "alert_age_s": _seconds,
     "max_concurrency": _optional_int,
-    "prefetch": _optional_int,
 }
 
 

@@ -98,14 +98,13 @@ class TaskTimings:
         if not task_id or not str(kind).startswith("task-"):
             return
         if kind == "task-sent":
-            self._remember(task_id, name=event.get("name"), queue=event.get("queue") or event.get("routing_key"),
-                           sent=event.get("timestamp"))
+            self._waited(self._remember(task_id, name=event.get("name"),
+                                        queue=event.get("queue") or event.get("routing_key"),
+                                        sent=event.get("timestamp")))
         elif kind == "task-received":
             self._remember(task_id, name=event.get("name"))
         elif kind == "task-started":
-            entry = self._remember(task_id, started=event.get("timestamp"))
-            if entry.get("sent") is not None and entry["started"] is not None and entry.get("name"):
-                self.wait.labels(*self._labels(entry)).observe(max(0.0, entry["started"] - entry["sent"]))
+            self._waited(self._remember(task_id, started=event.get("timestamp")))
         elif kind in ("task-succeeded", "task-failed"):
             entry = self.pending.pop(task_id, None) or {}
             runtime = event.get("runtime")
@@ -113,6 +112,15 @@ class TaskTimings:
                 runtime = event["timestamp"] - entry["started"]
             if runtime is not None and entry.get("name"):
                 self.runtime.labels(*self._labels(entry)).observe(max(0.0, float(runtime)))
+
+    def _waited(self, entry: dict[str, Any]) -> None:
+        """Observe the queue wait once both ends are known: ``task-sent`` comes from the producer
+        and ``task-started`` from the worker, so either may arrive first (an idle worker woken by
+        the send starts the task before its producer has published ``task-sent``)."""
+        if entry.get("sent") is not None and entry.get("started") is not None and entry.get("name") and (
+                not entry.get("waited")):
+            entry["waited"] = True
+            self.wait.labels(*self._labels(entry)).observe(max(0.0, entry["started"] - entry["sent"]))
 
     def _remember(self, task_id: str, **fields: Any) -> dict[str, Any]:
         entry = self.pending.setdefault(task_id, {})

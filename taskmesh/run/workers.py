@@ -43,10 +43,13 @@ GROUP_PROFILES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 DEFAULT_POOLS = {"gpu": "prefork", "cpu_intensive": "prefork", "cpu_light": "gevent", "mixed": "prefork"}
 DEFAULT_IO_CONCURRENCY = 100
-#: Celery's prefetch multiplier per queue: GPU and mixed workers take one message per slot (admission
-#: holds what does not fit, ``admission.lookahead`` looks further); CPU and I/O workers, whose tasks
-#: are short and need no admission, keep more in hand (BENCHMARKS.md, scenario 3).
-DEFAULT_PREFETCH = {"gpu": 1, "mixed": 1, "cpu_intensive": 4, "cpu_light": 1}
+#: Celery's prefetch multiplier per queue: one message per slot everywhere. GPU and mixed workers:
+#: admission holds what does not fit (``admission.lookahead`` looks further). CPU workers: 4 per
+#: slot drained no-ops 1.43x faster (BENCHMARKS.md, scenario 3), but a message then waits behind
+#: up to 3 more runs, past the visibility timeout derived for one (``app.visibility``: run twice),
+#: and is admitted (its host claims reserved, its run timed) on delivery, not when it starts.
+#: I/O (gevent, 100 slots): 4 measured no faster.
+DEFAULT_PREFETCH = {"gpu": 1, "mixed": 1, "cpu_intensive": 1, "cpu_light": 1}
 
 
 class PlanError(ValueError):
@@ -146,7 +149,7 @@ def plan_workers(
                 concurrency=min(cfg.concurrency, fits) if cfg.concurrency else sized,
                 nodename=node_name("cpu", host),
                 env=(("CUDA_VISIBLE_DEVICES", ""),) + tuple((name, str(per_task)) for name in THREAD_ENV),
-                prefetch=cfg.prefetch or DEFAULT_PREFETCH["cpu_intensive"],
+                prefetch=DEFAULT_PREFETCH["cpu_intensive"],
             )
         )
     if "cpu_light" in wanted:
@@ -159,7 +162,7 @@ def plan_workers(
                 concurrency=cfg.concurrency or DEFAULT_IO_CONCURRENCY,
                 nodename=node_name("io", host),
                 env=(("CUDA_VISIBLE_DEVICES", ""),),
-                prefetch=cfg.prefetch or DEFAULT_PREFETCH["cpu_light"],
+                prefetch=DEFAULT_PREFETCH["cpu_light"],
             )
         )
     if "mixed" in wanted:

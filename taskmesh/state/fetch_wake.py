@@ -4,10 +4,11 @@ A worker's fetch (``worker/fetch.py``) pops and records in one script, and a scr
 block: with nothing to take, the worker waits in Redis on a ``BLPOP`` of its queues' wake
 lists, with a short timeout. A taskmesh producer pushes one token to the queue's wake list
 after each send (``app.sending.connect_wake``), which ends that wait at once; a plain
-kombu or Celery producer pushes none, and its message waits for the timeout. The list is
-trimmed to one token (a busy queue would otherwise grow a token per message, and one
-token wakes the worker that then fetches until the queue is empty), and it expires, so a
-queue nobody consumes leaves nothing behind.
+kombu or Celery producer pushes none, nor do a worker's own sends on (a reroute, a
+hand-over, a put-back), and their messages wait for the timeout. The list is trimmed to
+one token, so a busy queue does not grow one per message: one token wakes one idle
+worker, which fetches while its prefetch allows; other idle workers of the queue wait out
+their timeout. It expires, so a queue nobody consumes leaves nothing behind.
 """
 
 from __future__ import annotations

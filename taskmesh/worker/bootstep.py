@@ -69,15 +69,17 @@ def untyped_warning(app_name: str, queues: list[str], pool: str, has_gpu: bool |
 
 
 def share_result_backend(c: Any) -> None:
-    """On a gevent, eventlet or threads pool, one result backend for the whole worker.
+    """On a gevent, eventlet or threads pool with a Redis result backend, one backend for the worker.
 
     Celery keeps the backend per thread unless ``result_backend_thread_safe`` says otherwise,
     and under gevent each greenlet is a thread: every task built a new Redis backend (a
-    sixth of a gevent worker's time per no-op task, ``benchmarks/overhead.py``). Redis's
-    client is safe to share; tasks do not wait on results (Celery refuses ``.get()`` in a
-    task), so the backend's result consumer is not shared either. Producers keep Celery's
-    default."""
-    if type(c.pool).__module__.rsplit(".", 1)[-1] in ("gevent", "eventlet", "thread"):
+    sixth of a gevent worker's time per no-op task, ``benchmarks/overhead.py``). redis-py's
+    client is safe to share, and Celery 5.7's Redis result consumer serialises its pubsub
+    with a lock (a task on gevent may wait on a subtask's result: Celery allows it there).
+    Other backends, and producers, keep Celery's default."""
+    backend = str(c.app.conf.result_backend or "")
+    if type(c.pool).__module__.rsplit(".", 1)[-1] in ("gevent", "eventlet", "thread") and backend.startswith(
+            ("redis://", "rediss://", "unix://")):
         c.app.conf.result_backend_thread_safe = True
         c.app._backend = c.app._get_backend()  # kept for every thread now: the setter reads the flag
 

@@ -142,7 +142,8 @@ class ModelQueues:
         margin = c.gate.config.safety_margin_mib
         if not holders:  # stranded: one live worker whose GPUs could ever fit it takes it (and loads it)
             return stranded_taker(name, [n for n, r in view["live"].items()
-                                         if any(g.memory_total_mib - margin >= need for g in r.gpus)]) == c.node
+                                         if any(g.healthy and g.memory_total_mib - margin >= need
+                                                for g in r.gpus)]) == c.node
         if consuming:  # warming it: keep taking its tasks while it still fits beside what else loads here
             return self._room(need + others, margin)
         queued = view["waiting"][name]

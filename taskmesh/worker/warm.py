@@ -224,9 +224,15 @@ class WarmModels:
         of the head's queue, each for its learned mean run time. Left out: tasks for the idle
         models themselves (they need none of it), and those taken from the profile queue for a
         model warm on another worker (they are handed over to it, ``model_queues.hand_over``)."""
+        asked: dict[tuple[Any, ...], bool] = {}  # one read of the model's holders per kind of task
+
         def served(requirement: Any, queue: str | None) -> bool:
-            return requirement.needs_gpu and requirement.model not in idle and not (
-                self.c.model_queues.serving_elsewhere(requirement, queue))
+            if not requirement.needs_gpu or requirement.model in idle:
+                return False
+            key = (requirement.model, requirement.model_choices, requirement.gpus, requirement.vram_mib, queue)
+            if key not in asked:
+                asked[key] = not self.c.model_queues.serving_elsewhere(requirement, queue)
+            return asked[key]
 
         names = collections.Counter(h.message.headers.get("task") for h in line
                                     if served(h.requirement, (h.message.delivery_info or {}).get("routing_key")))
