@@ -11,10 +11,10 @@ Plain Celery runs with taskmesh's settings copied over (``matched``: prefetch 1,
 ack, task events ...) so the ratio is taskmesh's code, and once more with Celery's
 defaults to show what the settings alone change. ``taskmesh_stack`` is what
 ``taskmesh worker --profile all`` starts for each queue: a worker per profile with the
-stack's pool, concurrency and prefetch (``run.workers``: prefork with ``cores`` slots for
-``cpu_intensive``, gevent with 100 for ``cpu_light``), against which the issue's targets
-are set: at least plain Celery's rate with matched settings (``noop_cpu``) and with its
-defaults (``noop_io``).
+stack's pool and concurrency (``run.workers``: prefork with ``cores`` slots for
+``cpu_intensive``, gevent with 100 for ``cpu_light``) and the app's prefetch of 1, against
+which the issue's targets are set: at least plain Celery's rate with matched settings
+(``noop_cpu``) and with its defaults (``noop_io``).
 """
 
 from __future__ import annotations
@@ -32,16 +32,15 @@ from benchmarks.harness import LocalRedis, Processes, cores, wait_for_workers
 from benchmarks.scenario import Context, Result, ratio
 from benchmarks.systems import start_celery_taskmesh, start_plain
 from taskmesh.app.celery_app import BROKER_ENV
-from taskmesh.run.workers import DEFAULT_IO_CONCURRENCY, DEFAULT_POOLS, DEFAULT_PREFETCH
+from taskmesh.run.workers import DEFAULT_IO_CONCURRENCY, DEFAULT_POOLS
 
 TITLE = "Overhead: no-op throughput, taskmesh against plain Celery (same pool, interleaved)"
 FULL = {"tasks": 5000, "pairs": 3, "profiles": ["noop_cpu", "noop_io"], "pool": "prefork",
         "systems": ["taskmesh", "taskmesh_stack", "plain_matched", "plain_defaults"]}
 SMOKE = {**FULL, "tasks": 100, "pairs": 1, "profiles": ["noop_cpu"], "systems": ["taskmesh", "plain_matched"]}
-#: profile → the stack's (pool, concurrency or None for the cores, prefetch) for its queue
-STACK = {profile: (DEFAULT_POOLS[queue], DEFAULT_IO_CONCURRENCY if queue == "cpu_light" else None,
-                   DEFAULT_PREFETCH[queue]) for profile, queue in {"noop_cpu": "cpu_intensive",
-                                                                   "noop_io": "cpu_light"}.items()}
+#: profile → the stack's (pool, concurrency or None for the cores) for its queue; prefetch is the app's
+STACK = {profile: (DEFAULT_POOLS[queue], DEFAULT_IO_CONCURRENCY if queue == "cpu_light" else None)
+         for profile, queue in {"noop_cpu": "cpu_intensive", "noop_io": "cpu_light"}.items()}
 TM_QUEUES = {"noop_cpu": "cpu_intensive", "noop_io": "cpu_light"}
 FLAGS = ("--without-mingle", "--without-gossip")
 
@@ -58,10 +57,10 @@ class System:
         if name == "taskmesh_stack":
             self.app = tm_app.make_app(broker)
             for profile in params["profiles"]:
-                pool_name, slots, prefetch = STACK[profile]
+                pool_name, slots = STACK[profile]
                 self.nodes[profile] = start_celery_taskmesh(
                     procs, broker, slots or concurrency, pool=pool_name, queue=idle, name=f"{name}_{profile}",
-                    extra=(*FLAGS, "--prefetch-multiplier", str(prefetch)))
+                    extra=FLAGS)
                 self.procs[profile] = procs.procs[-1]
             self.node = next(iter(self.nodes.values()))
         elif name == "taskmesh":

@@ -199,6 +199,11 @@ def create_app(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_retry_on_worker_lost=True,  # a task that kills its process retries max_retries times, not for ever
+        # one message per slot for every queue's workers. GPU and mixed: admission holds what does
+        # not fit (admission.lookahead looks further). CPU: 4 per slot drained no-ops 1.43x faster
+        # (BENCHMARKS.md, scenario 3), but a message then waits behind up to 3 more runs, past the
+        # visibility timeout derived for one (app.visibility: it would run twice), and is admitted
+        # on delivery, not when it starts. I/O (gevent, 100 slots): 4 measured no faster.
         worker_prefetch_multiplier=1,
         task_default_priority=int(Priority.NORMAL),
         task_track_started=True,

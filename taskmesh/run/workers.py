@@ -43,13 +43,6 @@ GROUP_PROFILES = ("gpu", "cpu_intensive", "cpu_light", "mixed")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 DEFAULT_POOLS = {"gpu": "prefork", "cpu_intensive": "prefork", "cpu_light": "gevent", "mixed": "prefork"}
 DEFAULT_IO_CONCURRENCY = 100
-#: Celery's prefetch multiplier per queue: one message per slot everywhere. GPU and mixed workers:
-#: admission holds what does not fit (``admission.lookahead`` looks further). CPU workers: 4 per
-#: slot drained no-ops 1.43x faster (BENCHMARKS.md, scenario 3), but a message then waits behind
-#: up to 3 more runs, past the visibility timeout derived for one (``app.visibility``: run twice),
-#: and is admitted (its host claims reserved, its run timed) on delivery, not when it starts.
-#: I/O (gevent, 100 slots): 4 measured no faster.
-DEFAULT_PREFETCH = {"gpu": 1, "mixed": 1, "cpu_intensive": 1, "cpu_light": 1}
 
 
 class PlanError(ValueError):
@@ -66,13 +59,12 @@ class WorkerSpec:
     concurrency: int
     nodename: str
     env: tuple[tuple[str, str], ...] = ()
-    prefetch: int = 1  # Celery's prefetch multiplier
 
     def argv(self, app: str, loglevel: str = "INFO", extra: Iterable[str] = ()) -> list[str]:
         return [
             sys.executable, "-m", "celery", "-A", app, "worker",
             "-Q", self.queue, "-P", self.pool, "-c", str(self.concurrency),
-            "-n", self.nodename, "--loglevel", loglevel, "--prefetch-multiplier", str(self.prefetch), *extra,
+            "-n", self.nodename, "--loglevel", loglevel, *extra,
         ]
 
     def environ(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -149,7 +141,6 @@ def plan_workers(
                 concurrency=min(cfg.concurrency, fits) if cfg.concurrency else sized,
                 nodename=node_name("cpu", host),
                 env=(("CUDA_VISIBLE_DEVICES", ""),) + tuple((name, str(per_task)) for name in THREAD_ENV),
-                prefetch=DEFAULT_PREFETCH["cpu_intensive"],
             )
         )
     if "cpu_light" in wanted:
@@ -162,7 +153,6 @@ def plan_workers(
                 concurrency=cfg.concurrency or DEFAULT_IO_CONCURRENCY,
                 nodename=node_name("io", host),
                 env=(("CUDA_VISIBLE_DEVICES", ""),),
-                prefetch=DEFAULT_PREFETCH["cpu_light"],
             )
         )
     if "mixed" in wanted:
