@@ -37,7 +37,7 @@ from taskmesh.app.broker_errors import broker_errors
 from taskmesh.app.cuda import connect_empty_cache
 from taskmesh.app.dead_letters import connect_dead_letters
 from taskmesh.app.models import declare_model
-from taskmesh.app.sending import SENDING, connect_wake, prepare_send, requirement_by_name
+from taskmesh.app.sending import SENDING, prepare_send, requirement_by_name
 from taskmesh.app.task import TaskmeshTask, with_taskmesh
 from taskmesh.app.visibility import MIN_VISIBILITY_TIMEOUT, derive_visibility_timeout
 from taskmesh.core.batching import BATCH_OPTIONS
@@ -93,7 +93,7 @@ class TaskmeshCelery(Celery):
         task = options.get("task_type") or self.registered(name)
         with broker_errors(self):  # taskmesh's checks, the result subscription and the publish alike
             prepare_send(self, name, task, args, kwargs, options)
-            sending = SENDING.set(self)  # so that only this app's wake handler answers the publish
+            sending = SENDING.set(self)  # the publish signal's wake-up (sending.wake_idle_workers) is this app's
             try:
                 return super().send_task(name, args, kwargs, **options)
             finally:
@@ -224,6 +224,5 @@ def create_app(
     app.steps["consumer"].add("taskmesh.worker.bootstep:AdmissionStep")
     connect_empty_cache(app)
     connect_dead_letters(app)
-    connect_wake(app)
     schedule_rebalance(app)
     return app

@@ -87,25 +87,24 @@ def prepare_send(app: Any, name: str, task: Any, args: Any, kwargs: Any, options
         options[ROUTE_OPTION] = (route,)
 
 
-#: The app whose ``send_task`` is publishing now (Celery's publish signal names no app).
+#: The taskmesh app whose ``send_task`` is publishing now (Celery's publish signal names no app).
 SENDING: contextvars.ContextVar[Any] = contextvars.ContextVar("taskmesh_sending", default=None)
 
 
-def connect_wake(app: Any) -> None:
-    """After each publish *app* makes to a Redis broker, wake the idle workers of its queue
-    (``state.fetch_wake``), through taskmesh's client when its state is on the broker's Redis
-    (else they wait their timeout); the message is sent already, so a failure here only
+@signals.after_task_publish.connect
+def wake_idle_workers(routing_key: str | None = None, **_: Any) -> None:
+    """After each publish a taskmesh app makes to a Redis broker, wake the idle workers of its
+    queue (``state.fetch_wake``), through taskmesh's client when its state is on the broker's
+    Redis (else they wait their timeout); the message is sent already, so a failure here only
     leaves it to their next fetch. The wake list is named by the routing key, which is the
     queue's name unless a route names an exchange and another key (those wait the timeout)."""
-    def woken(routing_key: str | None = None, **_: Any) -> None:
-        broker = broker_redis_url(app)
-        if SENDING.get() is app and routing_key and broker and state_redis_url(app) == broker:
-            try:
-                wake(app.redis(), routing_key, layout(app)["keyprefix"])
-            except redis.RedisError:
-                pass
-
-    signals.after_task_publish.connect(woken, weak=False, dispatch_uid=f"taskmesh-wake-{id(app)}")
+    app = SENDING.get()
+    broker = broker_redis_url(app) if app is not None else ""
+    if routing_key and broker and state_redis_url(app) == broker:
+        try:
+            wake(app.redis(), routing_key, layout(app)["keyprefix"])
+        except redis.RedisError:
+            pass
 
 
 def _lenient(app: Any, options: dict[str, Any]) -> str | None:

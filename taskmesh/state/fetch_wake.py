@@ -3,7 +3,7 @@
 A worker's fetch (``worker/fetch.py``) pops and records in one script, and a script cannot
 block: with nothing to take, the worker waits in Redis on a ``BLPOP`` of its queues' wake
 lists, with a short timeout. A taskmesh producer pushes one token to the queue's wake list
-after each send (``app.sending.connect_wake``), which ends that wait at once; a plain
+after each send (``app.sending.wake_idle_workers``), which ends that wait at once; a plain
 kombu or Celery producer pushes none, nor do a worker's own sends on (a reroute, a
 hand-over, a put-back), and their messages wait for the timeout. The list is trimmed to
 one token, so a busy queue does not grow one per message: one token wakes one idle

@@ -27,7 +27,7 @@ from taskmesh.core.profiles import Profile
 from taskmesh.core.redact import redacted
 from taskmesh.hardware.inventory import detect, visible_gpu_uuids
 from taskmesh.hardware.providers import provider_from_env
-from taskmesh.state.client import STATE_ENV, broker_redis_url, state_client, state_redis_url
+from taskmesh.state.client import REDIS_SCHEMES, STATE_ENV, broker_redis_url, state_client, state_redis_url
 from taskmesh.state.ledger import Ledger
 from taskmesh.state.once import OnceClaims, keep_done_s
 from taskmesh.state.registry import Registry
@@ -68,6 +68,11 @@ def untyped_warning(app_name: str, queues: list[str], pool: str, has_gpu: bool |
             "`-Q cpu_intensive`, `-Q gpu` on a GPU host")
 
 
+def pool_kind(c: Any) -> str:
+    """The consumer's pool by its module's name: prefork, gevent, eventlet, thread or solo."""
+    return type(c.pool).__module__.rsplit(".", 1)[-1]
+
+
 def share_result_backend(c: Any) -> None:
     """On a gevent, eventlet or threads pool with a Redis result backend, one backend for the worker.
 
@@ -77,9 +82,8 @@ def share_result_backend(c: Any) -> None:
     client is safe to share, and Celery 5.7's Redis result consumer serialises its pubsub
     with a lock (a task on gevent may wait on a subtask's result: Celery allows it there).
     Other backends, and producers, keep Celery's default."""
-    backend = str(c.app.conf.result_backend or "")
-    if type(c.pool).__module__.rsplit(".", 1)[-1] in ("gevent", "eventlet", "thread") and backend.startswith(
-            ("redis://", "rediss://", "unix://")):
+    if pool_kind(c) in ("gevent", "eventlet", "thread") and str(c.app.conf.result_backend or "").startswith(
+            REDIS_SCHEMES):
         c.app.conf.result_backend_thread_safe = True
         c.app._backend = c.app._get_backend()  # kept for every thread now: the setter reads the flag
 
@@ -175,7 +179,7 @@ class AdmissionStep(bootsteps.StartStopStep):
             return
         self.warned = True
         queues = [q.name for q in c.task_consumer.queues] if c.task_consumer else []
-        pool = type(c.pool).__module__.rsplit(".", 1)[-1]
+        pool = pool_kind(c)
         has_gpu = bool(self.controller.gate.known) if self.controller is not None else None
         message = untyped_warning(c.app.main or "app", queues, pool, has_gpu)
         if message:
