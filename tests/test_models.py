@@ -239,6 +239,25 @@ def test_a_sigkilled_worker_holding_a_model_loses_its_reservation_at_expiry(mode
 
 
 @pytest.mark.slow
+def test_a_sigkilled_worker_loading_a_model_leaves_nothing_reserved_once_its_reservation_expires(
+        model_app, broker, processes):
+    worker = processes.celery_worker(APP, "-Q", "gpu", "-c", "1", "-n", f"gpu0@{HOST}",
+                                     env={"TASKMESH_SIMULATE_GPUS": GPU, "TASKMESH_RESERVATION_TTL_S": "6",
+                                          "TASKMESH_TEST_LOAD_S": "30"})
+    wait_for_workers(model_app.app, [f"gpu0@{HOST}"])
+    model_app.use_cheap.delay()
+    store = ModelStore(model_app.app.redis())
+    wait_until(lambda: any(e.get("loading") == "cheap" for e in store.held(f"gpu0@{HOST}").values()),
+               "the pool process is loading the model")
+    assert sum(holders(broker).values()) == 17 * GIB  # the loading task's claim: the model and its own 1 GiB
+    (child,) = psutil.Process(worker.pid).children()
+    os.kill(worker.pid, signal.SIGKILL)
+    child.send_signal(signal.SIGKILL)  # the half-loaded model is gone with its process
+    wait_until(lambda: holders(broker) == {}, "the dead worker's claim expired", timeout=20)
+    assert events(broker) == []  # nothing was loaded, and nothing is counted as loaded
+
+
+@pytest.mark.slow
 def test_a_pool_process_that_dies_with_its_model_has_it_released_by_its_worker(model_app, broker, processes):
     node = start_gpu(processes, model_app.app)  # reservations expire after the default 15 s TTL
     first = model_app.use_cheap.delay().get(timeout=60)["pid"]
