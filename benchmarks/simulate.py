@@ -11,7 +11,9 @@ Real — the code a deployment runs, called as it calls it:
   rules re-implemented in memory and checked answer for answer against it;
 - the held-line policy (``core.held_line.start_from_line``, ``LinePolicy.takes_more``),
   as the admission controller calls it: which held messages start on every arrival and
-  release, and when intake pauses (the worker's ``admission.backfill`` settings);
+  release, and when intake pauses (the worker's ``admission.backfill`` settings), with
+  the head's predicted start (``core.forecast``) from the run times each worker learned
+  of its own tasks, per task class, as the controller learns them per task name;
 - the rebalance policy, when ``probe`` is set (``rebalance_probe.py``): every
   rebalance interval of simulated time, the rebalancer's own view builders and its
   ``alerts``, ``scaling_hints`` and ``saturated`` run on a snapshot of the fleet. It
@@ -51,8 +53,9 @@ from benchmarks.synthetic import Host
 from taskmesh.app.celery_app import create_app
 from taskmesh.core.claims import LedgerLike
 from taskmesh.core.errors import InfeasibleRequirement
+from taskmesh.core.forecast import Forecast, RunTimes
 from taskmesh.core.gate import Admitted, Gate, Reroute, Wait
-from taskmesh.core.held_line import LinePolicy, start_from_line
+from taskmesh.core.held_line import LinePolicy, predicts, start_from_line
 from taskmesh.core.need_queues import can_serve
 from taskmesh.core.profiles import QUEUES
 from taskmesh.core.records import GpuRecord, WorkerRecord
@@ -79,7 +82,7 @@ class Worker:
     """One simulated ``celery worker`` for one GPU: its gate, pool slots, queues and held line."""
 
     __slots__ = ("node", "record", "gate", "gpu", "memory", "slots", "queues", "running", "line", "held_since",
-                 "token", "blocked")
+                 "token", "blocked", "runs", "learned")
 
     def __init__(self, record: WorkerRecord, gate: Gate, gpu: Any, memory: HostMemory, slots: int) -> None:
         self.node, self.record, self.gate, self.gpu, self.memory, self.slots = (record.node, record, gate, gpu,
@@ -90,6 +93,8 @@ class Worker:
         self.held_since = -1.0  # since when the line has not been empty
         self.token = 0
         self.blocked = False
+        self.runs: dict[int, tuple[float, int, int]] = {}  # running job → (start, class, MiB)
+        self.learned = RunTimes()  # per class, as the controller learns them per task name
 
 
 @dataclasses.dataclass
@@ -102,6 +107,7 @@ class Outcome:
     reserved_area: float = 0.0  # MiB x seconds reserved by admitted tasks
     busy_slot_s: float = 0.0
     held_s: float = 0.0  # time workers spent holding a message that did not fit yet
+    longest_head_wait_s: float = 0.0  # the longest a message waited at the head of a held line
     produce_us: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
     decide_us: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
     release_us: array.array = dataclasses.field(default_factory=lambda: array.array("f"))
@@ -123,6 +129,7 @@ class Simulation:
         self.sizes = [r.vram_mib * r.gpus if r.vram_mib is not None and not r.exclusive else math.inf for r in reqs]
         self.priorities = [r.priority or 0 for r in reqs]
         self.arrived: dict[int, float] = {}  # job → when its worker took it, while held
+        self.head_since: dict[int, float] = {}  # job → since when it heads its worker's held line
         self.now = 0.0
         self.events: list[tuple[float, int, Worker, int, Admitted, int]] = []
         self.queues: dict[str, collections.deque[int]] = collections.defaultdict(collections.deque)
@@ -256,7 +263,10 @@ class Simulation:
 
     def _takes_more(self, worker: Worker) -> bool:
         line = worker.line
-        return self.policy.takes_more(len(line), self.now - self.arrived[line[0]] if line else 0.0)
+        waited = self.now - self.arrived[line[0]] if line else 0.0
+        predicted = waited >= self.policy.max_head_wait_s and predicts(
+            self.policy, self._forecast(worker), self.sizes[self.jobs[line[0]][0]], self.now)
+        return self.policy.takes_more(len(line), waited, predicted)
 
     def _offer(self, worker: Worker, job: int, queue: str) -> None:
         """Deliver *job* from *queue* to the worker's controller: it starts, joins the held line
@@ -271,15 +281,28 @@ class Simulation:
         worker.line.append(job)
         if len(worker.line) > 1 or self.policy.lookahead:
             self._run_line(worker)
+        elif job not in self.head_since:
+            self.head_since[job] = self.now
 
     def _run_line(self, worker: Worker) -> None:
         """The held-line policy, as the controller runs it on an arrival and on each release."""
         start_from_line(worker.line, lambda j: self._decide(worker, j), self.now, self.policy,
                         since=self.arrived.__getitem__, size=lambda j: self.sizes[self.jobs[j][0]],
-                        priority=lambda j: self.priorities[self.jobs[j][0]], slots=worker.slots - worker.running)
+                        priority=lambda j: self.priorities[self.jobs[j][0]], slots=worker.slots - worker.running,
+                        forecast=self._forecast(worker))
         if not worker.line:
             self.out.held_s += self.now - worker.held_since
             worker.held_since = -1.0
+        elif worker.line[0] not in self.head_since:
+            self.head_since[worker.line[0]] = self.now
+
+    def _forecast(self, worker: Worker) -> Forecast[int]:
+        """What the worker's controller knows of its GPU: the room the gate sees, and when its
+        running tasks and held messages are expected to end, from the run times it learned."""
+        free = worker.gpu.memory_total_mib - self.config.safety_margin_mib - worker.memory.used[worker.gpu.index]
+        mean = worker.learned.mean
+        running = [(None if (m := mean(cls)) is None else start + m, mib) for start, cls, mib in worker.runs.values()]
+        return Forecast(free, running, lambda j: mean(self.jobs[j][0]), worker.slots)
 
     def _decide(self, worker: Worker, job: int) -> bool:
         """The gate's decision for *job*; ``False``: it must wait."""
@@ -308,7 +331,10 @@ class Simulation:
         whole = requirement.exclusive or requirement.vram_mib is None
         amount = worker.gpu.memory_total_mib - margin if whole else requirement.vram_mib
         duration = self.jobs[job][1]
+        if (headed := self.head_since.pop(job, None)) is not None:
+            self.out.longest_head_wait_s = max(self.out.longest_head_wait_s, self.now - headed)
         worker.running += 1
+        worker.runs[job] = (self.now, self.jobs[job][0], amount)
         worker.memory.used[worker.gpu.index] += amount
         self.out.admitted += 1
         self.out.reserved_area += amount * duration
@@ -326,6 +352,8 @@ class Simulation:
         self.runtime_sum[queue] += self.jobs[job][1]
         self.runtime_count[queue] += 1
         worker.running -= 1
+        worker.learned.observe(*self.jobs[job])
+        del worker.runs[job]
         worker.memory.used[worker.gpu.index] -= amount
         if worker.line:  # the controller runs its line on every release
             self._run_line(worker)

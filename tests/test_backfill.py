@@ -1,12 +1,15 @@
 """Backfill: while the head of a worker's held line waits for memory, a later task that
-fits now runs in the gap — never past a waiting task of higher priority, and not once
-the head has waited ``admission.max_head_wait_s``; every message still runs once and
-is acknowledged. The fleet simulator runs the same policy and makes the same choices
-as a real worker on the same sequence."""
+fits now runs in the gap — never past a waiting task of higher priority, and not so as
+to delay the head: where run times are learned, only what ends before the head is
+predicted to fit (or fits beside it then), and where they are not, nothing once the head
+has waited ``admission.max_head_wait_s``; every message still runs once and is
+acknowledged. The fleet simulator runs the same policy and makes the same choices as a
+real worker on the same sequence."""
 
 from __future__ import annotations
 
 import collections
+import math
 import time
 
 import pytest
@@ -17,6 +20,7 @@ from benchmarks.simulate import Simulation
 from benchmarks.synthetic import Host
 from taskmesh.core.config import load_config
 from taskmesh.core.errors import ConfigError
+from taskmesh.core.forecast import Forecast
 from taskmesh.core.held_line import LinePolicy, start_from_line
 from taskmesh.core.profiles import Priority
 from taskmesh.core.requirements import Requirement
@@ -74,6 +78,41 @@ def test_nothing_is_backfilled_once_the_head_has_waited_past_the_limit():
     assert not LinePolicy("strict").takes_more(held=1, head_waited_s=0)
 
 
+#: Run times learned per task (None: not yet), for the predicted start of the head.
+DURATIONS = {"short": 3.0, "long": 10.0, "tiny": 100.0, "unknown": None, "half": 15.0, "most": 25.0}
+
+
+def predicted_play(line: collections.deque, free: int, running: list, now: float, **policy) -> list[str]:
+    gpu = Gpu(free)
+    forecast = Forecast(free, running, lambda j: DURATIONS[j[0]], slots=4)
+    started = start_from_line(line, gpu.admit, now, LinePolicy(**policy), since=lambda j: 0.0,
+                              size=lambda j: j[1], priority=lambda j: j[2], forecast=forecast)
+    return [j[0] for j in started]
+
+
+def test_past_its_age_limit_what_ends_before_the_head_is_predicted_to_fit_is_backfilled():
+    # 10 GiB free, an 8 GiB task ends at 45: the 16 GiB head is predicted to start then, with 2 GiB beside it
+    jobs = (("head", 16, 6), ("long", 4, 6), ("short", 4, 6), ("tiny", 2, 6), ("unknown", 1, 6))
+    running = [(45.0, 8)]
+    assert predicted_play(line_of(*jobs), 10, running, now=40.0) == ["short", "tiny"]  # 'tiny' fits beside it
+    assert predicted_play(line_of(*jobs), 10, running, now=40.0, predict_head_start=False) == []  # the age rule
+    # a running task whose run time is not learned yet: no prediction, only the age limit
+    assert predicted_play(line_of(*jobs), 10, [(None, 8)], now=40.0) == []
+    assert predicted_play(line_of(*jobs), 10, [(None, 8)], now=10.0) == ["long", "short", "tiny"]
+    policy = LinePolicy(max_head_wait_s=30, backfill_window=2)
+    assert policy.takes_more(held=1, head_waited_s=40, predicted=True) and not policy.takes_more(1, 40)
+
+
+def test_before_the_age_limit_a_backfill_may_delay_the_head_up_to_the_limit_and_no_further():
+    jobs = (("head", 16, 6), ("most", 4, 6), ("half", 4, 6))
+    # the head is predicted to fit at 12; 'half' ends at 25, within the 30 s limit; 'most' at 35
+    assert predicted_play(line_of(*jobs), 10, [(12.0, 8)], now=10.0) == ["half"]
+    assert predicted_play(line_of(*jobs), 10, [(12.0, 8)], now=10.0, predict_head_start=False) == ["most", "half"]
+    # a whole-GPU head waits for everything to end, and leaves no room beside it
+    whole = (("head", math.inf, 6), ("most", 4, 6), ("half", 4, 6), ("tiny", 2, 6))
+    assert predicted_play(line_of(*whole), 10, [(50.0, 8)], now=31.0) == ["half"]
+
+
 def test_a_message_never_starts_ahead_of_a_waiting_one_of_higher_priority():
     critical, normal, low = int(Priority.CRITICAL), int(Priority.NORMAL), int(Priority.LOW)
     assert play(line_of(("head", 16, critical), ("low", 4, low)), free=10) == []
@@ -127,6 +166,12 @@ def test_the_backfill_settings_are_checked_and_can_be_set_from_the_environment(t
     with pytest.raises(ConfigError, match="admission.lookahead: 4 is more than backfill_window"):
         load_config(path)  # the window is 0 here
     monkeypatch.delenv("TASKMESH_LOOKAHEAD")
+    monkeypatch.setenv("TASKMESH_PREDICT_HEAD_START", "false")
+    assert load_config(path).admission.line_policy() == LinePolicy("strict", 5.0, 0, predict_head_start=False)
+    monkeypatch.setenv("TASKMESH_PREDICT_HEAD_START", "maybe")
+    with pytest.raises(ConfigError, match="TASKMESH_PREDICT_HEAD_START: 'maybe' is not true or false"):
+        load_config(path)
+    monkeypatch.delenv("TASKMESH_PREDICT_HEAD_START")
     path.write_text("admission:\n  backfill_window: -1\n")
     with pytest.raises(ConfigError, match="admission.backfill_window.*-1 is not a whole number >= 0"):
         load_config(path)
@@ -165,6 +210,33 @@ def test_a_small_task_runs_behind_a_held_one_until_the_head_has_waited_too_long(
     assert ran(broker, gpu_app) == [gap.id, head.id, late.id]  # the head first, then the one it kept waiting
     wait_until(lambda: all_acknowledged(broker), "every message acknowledged", 10)
     assert stats(gpu_app.app, node)["counters"]["admitted"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("predict", [True, False], ids=["predicted", "age_only"])
+def test_past_the_age_limit_a_task_that_ends_before_the_head_fits_runs_and_a_long_one_waits(
+        gpu_app, broker, processes, predict):
+    (node,) = start_gpus(processes, gpu_app.app, "1x24GiB", TASKMESH_GPU_SLOTS="4", TASKMESH_MAX_HEAD_WAIT_S="1",
+                         TASKMESH_PREDICT_HEAD_START=str(predict).lower())
+    for learned in (gpu_app.ten_gib.delay(4.0), gpu_app.flexible.delay(0.3)):  # the worker learns 4 s and 0.3 s
+        learned.get(timeout=30)
+    broker.delete(gpu_app.RUNS)
+    running = gpu_app.ten_gib.delay(4.0, label="running")  # 13.5 GiB usable left beside it
+    wait_until(lambda: ran(broker, gpu_app) == [running.id], "the 10 GiB task started")
+    head = gpu_app.twenty_gib.delay(0.1, label="head")  # predicted to fit when 'running' ends, 3.5 GiB beside it
+    wait_until(lambda: stats(gpu_app.app, node)["held"] == 1, "the 20 GiB head was held")
+    time.sleep(1.5)  # past max_head_wait_s
+    long = gpu_app.ten_gib.delay(0.1, label="long")  # fits now, but a ten_gib is predicted to run 4 s
+    short = gpu_app.flexible.delay(0.3, label="short")  # predicted to end well before the head fits
+    for result in (running, head, long, short):
+        result.get(timeout=30)
+    order = [r for r in ran(broker, gpu_app)]
+    assert order.index(long.id) > order.index(head.id)  # never ahead of the head it would have delayed
+    if predict:
+        assert order == [running.id, short.id, head.id, long.id]
+    else:  # the age limit alone: nothing more is taken once the head has waited 1 s
+        assert order.index(short.id) > order.index(head.id)
+    wait_until(lambda: all_acknowledged(broker), "every message acknowledged", 10)
 
 
 @pytest.mark.slow

@@ -60,14 +60,16 @@ class AdmissionConfig:
     queue_full_wait_s: float = 0.0  # apply_async waits this long for room before raising QueueFull
     visibility_timeout_s: float | None = None  # Redis redelivery timeout; None: derived from time limits
     backfill: str = "best_fit"  # which held message starts in a gap behind the waiting head (core.held_line)
-    max_head_wait_s: float = 30.0  # once the head has waited this long, nothing more is backfilled
+    max_head_wait_s: float = 30.0  # once the head has waited this long, nothing unpredicted is backfilled
     backfill_window: int = 8  # how many held messages behind the head may be backfilled (0: none)
     lookahead: int = 0  # messages kept beyond the pool's slots to pick the best fit from (core.held_line)
+    predict_head_start: bool = True  # backfill what ends before the head is predicted to fit (core.forecast)
     affinity: bool = True  # a warm model's tasks go to its model queue (core.model_queues); false: any GPU
 
     def line_policy(self) -> LinePolicy:
         """The held-line policy these settings ask for (the worker and the simulator use it)."""
-        return LinePolicy(self.backfill, self.max_head_wait_s, self.backfill_window, self.lookahead)
+        return LinePolicy(self.backfill, self.max_head_wait_s, self.backfill_window, self.lookahead,
+                          self.predict_head_start)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,6 +196,7 @@ _ADMISSION_SCHEMA = {
     "max_head_wait_s": _seconds,
     "backfill_window": _count,
     "lookahead": _count,
+    "predict_head_start": _flag,
     "affinity": _flag,
 }
 _GROUP_SCHEMA = {
@@ -242,6 +243,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "TASKMESH_MAX_HEAD_WAIT_S": ("admission.max_head_wait_s", _seconds),
     "TASKMESH_BACKFILL_WINDOW": ("admission.backfill_window", _count),
     "TASKMESH_LOOKAHEAD": ("admission.lookahead", _count),
+    "TASKMESH_PREDICT_HEAD_START": ("admission.predict_head_start", _flag),
     "TASKMESH_AFFINITY": ("admission.affinity", _flag),
 }
 #: every queue threshold too: TASKMESH_QUEUE_<QUEUE>_<KEY>, e.g. TASKMESH_QUEUE_GPU_MAX_DEPTH=500

@@ -4,9 +4,14 @@ The head of the line (the oldest held message) is always asked first. While it w
 for memory, messages behind it that fit *now* may start in the gap — backfill — so one
 large task no longer idles every other slot on its GPU. Two bounds keep that honest:
 
-- **an age limit**: once the head has waited ``max_head_wait_s``, nothing more is
-  backfilled until it runs, so a large task cannot be starved by small ones that keep
-  fitting around it (the memory they free is then left for the head);
+- **the head's predicted start** (``core.forecast``, with ``predict_head_start``): where
+  the worker has learned how long its tasks run, a message starts in the gap only if it
+  is predicted to end before the head would fit anyway (or before the head has waited
+  ``max_head_wait_s``, whichever is later), or if it fits beside the head then; so a
+  large task is not starved however long the running ones take;
+- **an age limit**, where a run time is not known yet: once the head has waited
+  ``max_head_wait_s``, nothing unpredicted is backfilled until it runs, so small ones
+  that keep fitting around it cannot starve it (the memory they free is left for the head);
 - **priorities win**: a message never starts ahead of a waiting message of higher
   priority (a lower Celery number: ``Priority.CRITICAL`` is 0, ``LOW`` 9), so a
   CRITICAL task is never overtaken by a LOW one.
@@ -38,6 +43,8 @@ import math
 from collections.abc import Callable
 from typing import TypeVar
 
+from taskmesh.core.forecast import Forecast, Plan
+
 T = TypeVar("T")
 
 RULES = ("best_fit", "first_fit", "smallest_fit", "strict")
@@ -45,12 +52,14 @@ RULES = ("best_fit", "first_fit", "smallest_fit", "strict")
 
 @dataclasses.dataclass(frozen=True)
 class LinePolicy:
-    """How a worker's held line moves (``admission.backfill``, ``max_head_wait_s``, ``backfill_window``)."""
+    """How a worker's held line moves (``admission.backfill``, ``max_head_wait_s``, ``backfill_window``,
+    ``lookahead``, ``predict_head_start``)."""
 
     rule: str = "best_fit"
     max_head_wait_s: float = 30.0
     backfill_window: int = 8
     lookahead: int = 0
+    predict_head_start: bool = True
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -63,14 +72,21 @@ class LinePolicy:
         """Is the head itself one of the candidates (rather than started first when it fits)?"""
         return self.lookahead > 0 and self.rule != "strict" and head_waited_s < self.max_head_wait_s
 
-    def backfills(self, head_waited_s: float) -> bool:
-        """May messages behind a head that has waited *head_waited_s* start now?"""
-        return self.rule != "strict" and self.backfill_window > 0 and head_waited_s < self.max_head_wait_s
+    def backfills(self, head_waited_s: float, predicted: bool = False) -> bool:
+        """May messages behind a head that has waited *head_waited_s* start now (past the age
+        limit too if its start can be *predicted*: ``predicts``)?"""
+        return self.rule != "strict" and self.backfill_window > 0 and (
+            predicted or head_waited_s < self.max_head_wait_s)
 
-    def takes_more(self, held: int, head_waited_s: float) -> bool:
+    def takes_more(self, held: int, head_waited_s: float, predicted: bool = False) -> bool:
         """Should a worker holding *held* messages keep taking new ones? Only while they could
         be backfilled: with the window full, or the head past its limit, intake pauses."""
-        return held == 0 or (self.backfills(head_waited_s) and held <= self.backfill_window)
+        return held == 0 or (self.backfills(head_waited_s, predicted) and held <= self.backfill_window)
+
+
+def predicts(policy: LinePolicy, forecast: Forecast[T] | None, head_size: float, now: float) -> bool:
+    """Can the head's start be predicted, so that backfill goes on past its age limit?"""
+    return forecast is not None and policy.predict_head_start and Plan(forecast, head_size, now).known
 
 
 def start_in_order(line: collections.deque[T], admit: Callable[[T], bool], slots: float = math.inf) -> list[T]:
@@ -84,9 +100,11 @@ def start_in_order(line: collections.deque[T], admit: Callable[[T], bool], slots
 
 def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now: float, policy: LinePolicy,
                     since: Callable[[T], float], size: Callable[[T], float],
-                    priority: Callable[[T], int], slots: float = math.inf) -> list[T]:
+                    priority: Callable[[T], int], slots: float = math.inf,
+                    forecast: Forecast[T] | None = None) -> list[T]:
     """Remove from *line* and return what *admit* started: the head first, in order, then —
-    while the head waits and has waited less than the policy's limit — what fits behind it.
+    while the head waits — what fits behind it and does not delay the head past its bound
+    (its *forecast*'s predicted start, or its age limit).
 
     *since* gives a message's arrival (the same clock as *now*), *size* what it claims
     (for the fit rules), *priority* its Celery priority (lower first); at most *slots*
@@ -97,12 +115,21 @@ def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now:
     """
     ahead = bool(line) and policy.looks_ahead(now - since(line[0]))
     started = [] if ahead else start_in_order(line, admit, slots)
-    if not line or len(started) >= slots or not policy.backfills(now - since(line[0])):
+    if not line or len(started) >= slots:
+        return started
+    plan = Plan(forecast, size(line[0]), now) if forecast is not None and policy.predict_head_start and not ahead \
+        else None
+    for item in started if plan is not None else ():
+        plan.started(item, size(item))
+    if not policy.backfills(now - since(line[0]), predicted=plan is not None and plan.known):
         return started
     window = list(itertools.islice(line, 0 if ahead else 1, 1 + policy.backfill_window))
     refused: set[int] = set()
+    age_limit = since(line[0]) + policy.max_head_wait_s
     while line:
         candidates = _allowed(line[0], window, refused, priority, head_first=not ahead)
+        if plan is not None:
+            candidates = [item for item in candidates if plan.allows(item, size(item), age_limit)]
         if policy.rule == "best_fit":
             candidates.sort(key=size, reverse=True)  # stable: the older of two equal sizes first
         elif policy.rule == "smallest_fit":
@@ -112,6 +139,8 @@ def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now:
                 _remove(window, item)
                 _remove(line, item)
                 started.append(item)
+                if plan is not None:
+                    plan.started(item, size(item))
                 if len(started) >= slots:
                     return started
                 break  # priorities may now allow another: look again

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from taskmesh.core.activity import GpuActivity
+from taskmesh.core.forecast import Forecast, RunTimes
 from taskmesh.core.gate import Decision, Gate, Reroute, Wait
 from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
 from taskmesh.hardware.inventory import gpu_problem
@@ -34,7 +35,7 @@ from taskmesh.state.client import broker_is_redis
 from taskmesh.state.registry import Registry
 from taskmesh.worker.exclusive import ExclusiveFollower
 from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_need_queues
-from taskmesh.worker.held import Held, Running, expired, start_held, takes_more
+from taskmesh.worker.held import Held, Running, expired, forecast_of, start_held, takes_more
 from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.model_queues import ModelQueues
@@ -67,6 +68,7 @@ class AdmissionController:
         self.counters = collections.Counter()
         self.activity = GpuActivity()
         self.runtimes: collections.Counter[str] = collections.Counter()  # "q:<queue>:sum"/":count", "t:<task>:..."
+        self.run_times = RunTimes()  # per task name, kept (the heartbeat drains ``runtimes`` into the registry)
         self.subscribed: set[str] = set()
         self.changed = threading.Event()  # wakes the heartbeat: what this worker holds changed
         self.pool_history: list[tuple[float, int]] = []  # (time, size) after each resize
@@ -166,11 +168,19 @@ class AdmissionController:
         if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
             self.requeue_held("this worker's GPUs are unhealthy")
         if backfill and not self.blocked():  # behind a waiting head, it may start in a gap now
-            start_held(self.held, self._try, self.policy, self._free_slots())
+            start_held(self.held, self._try, self.policy, self._free_slots(), self._forecast())
         self._update_intake()
 
     def _free_slots(self) -> int:
         return self.consumer.pool.num_processes - len(self.reservations)
+
+    def _forecast(self) -> Forecast[Held] | None:
+        """For the head's predicted start (``core.forecast``): only once a head waits."""
+        if not self.held or not self.policy.predict_head_start:
+            return None
+        with self.lock:
+            running = dict(self.reservations)
+        return forecast_of(self.gate, running, self.run_times, self.consumer.pool.num_processes)
 
     def finished(self, task_id: str) -> None:
         """A request ended (any thread): release its reservation and let the line move."""
@@ -187,7 +197,8 @@ class AdmissionController:
                 self.consumer.call_soon(self.retry_held)
 
     def _observe_runtime(self, entry: Running) -> None:
-        """Learned run times (per queue and per task), for the rebalancer's expected work.
+        """Learned run times (per queue and per task): for the rebalancer's expected work, and
+        the held line's predicted start of its head.
 
         Measured here, from hand-over to the pool until the request ends, because
         Celery's own ``time_start`` is wall-clock in prefork and monotonic elsewhere.
@@ -197,10 +208,11 @@ class AdmissionController:
             for key in (f"q:{entry.queue}", f"t:{entry.task}"):
                 self.runtimes[f"{key}:sum"] += seconds
                 self.runtimes[f"{key}:count"] += 1
+            self.run_times.observe(entry.task, seconds)
 
     def retry_held(self) -> None:
         if not self.blocked():
-            start_held(self.held, self._try, self.policy, self._free_slots())
+            start_held(self.held, self._try, self.policy, self._free_slots(), self._forecast())
         if not self.held:
             self.reasons.pop("waiting", None)
         self._update_intake()
@@ -274,7 +286,8 @@ class AdmissionController:
     def _update_intake(self) -> None:
         # a held message fills a prefetch slot: see the one behind it (and keep ``lookahead`` more)
         self.intake.hold_slots(max(len(self.held), self.policy.lookahead))
-        if self.intake.update(not takes_more(self.held, self.policy) or self.blocked(), self.reasons):
+        if self.intake.update(not takes_more(self.held, self.policy, self._forecast) or self.blocked(),
+                              self.reasons):
             self.counters["pauses"] += 1
 
     # --- periodic work --------------------------------------------------------------
