@@ -167,7 +167,7 @@ def test_the_backfill_settings_are_checked_and_can_be_set_from_the_environment(t
         load_config(path)  # the window is 0 here
     monkeypatch.delenv("TASKMESH_LOOKAHEAD")
     monkeypatch.setenv("TASKMESH_PREDICT_HEAD_START", "false")
-    assert load_config(path).admission.line_policy() == LinePolicy("strict", 5.0, 0, predict_head_start=False)
+    assert load_config(path).admission.line_policy() == LinePolicy("first_fit", 5.0, 0, predict_head_start=False)
     monkeypatch.setenv("TASKMESH_PREDICT_HEAD_START", "maybe")
     with pytest.raises(ConfigError, match="TASKMESH_PREDICT_HEAD_START: 'maybe' is not true or false"):
         load_config(path)
