@@ -222,6 +222,7 @@ def create_app(
     app.on_after_finalize.connect(derive_visibility_timeout, weak=False)
     app.on_after_finalize.connect(warn_unknown_task_overrides, weak=False)
     app.steps["consumer"].add("taskmesh.worker.bootstep:AdmissionStep")
+    app.steps["consumer"].add("taskmesh.worker.event_buffer:TaskEventBuffer")
     connect_empty_cache(app)
     connect_dead_letters(app)
     schedule_rebalance(app)
