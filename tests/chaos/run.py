@@ -36,7 +36,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
                      "medium": {"rounds": 1, "dead_after_s": 18, "stall_s": 10}, "ci": None},
     "stalls_below": {"full": {"rounds": 2, "dead_after_s": 8, "stall_s": 14},
                      "medium": {"rounds": 1, "dead_after_s": 8, "stall_s": 14}, "ci": None},
-    "long_task": {"full": {"seconds": 6.0}, "medium": {"seconds": 6.0}, "ci": {"seconds": 4.0}},
+    "long_task": {"full": {"seconds": 15.0}, "medium": {"seconds": 15.0}, "ci": {"seconds": 15.0}},
     "poison": {"full": {"each": 5, "neighbours": 50}, "medium": {"each": 3, "neighbours": 20},
                "ci": {"each": 1, "neighbours": 6}},
 }
