@@ -81,14 +81,13 @@ class HostMemory:
 class Worker:
     """One simulated ``celery worker`` for one GPU: its gate, pool slots, queues and held line."""
 
-    __slots__ = ("node", "record", "gate", "gpu", "memory", "slots", "queues", "running", "line", "held_since",
+    __slots__ = ("node", "record", "gate", "gpu", "memory", "slots", "queues", "line", "held_since",
                  "token", "blocked", "runs", "learned")
 
     def __init__(self, record: WorkerRecord, gate: Gate, gpu: Any, memory: HostMemory, slots: int) -> None:
         self.node, self.record, self.gate, self.gpu, self.memory, self.slots = (record.node, record, gate, gpu,
                                                                                 memory, slots)
         self.queues: list[str] = ["gpu"]
-        self.running = 0
         self.line: collections.deque[int] = collections.deque()  # held jobs, in arrival order
         self.held_since = -1.0  # since when the line has not been empty
         self.token = 0
@@ -217,7 +216,7 @@ class Simulation:
         their controllers announce (a held message pauses intake), queue depths over the
         profile queues and need queues, and mean run times by queue."""
         records = [w.record for w in self.workers]
-        states = {w.node: {"pool": {"implementation": "prefork", "size": w.slots}, "running": w.running,
+        states = {w.node: {"pool": {"implementation": "prefork", "size": w.slots}, "running": len(w.runs),
                            "held": len(w.line), "paused": not self._takes_more(w)} for w in self.workers}
         names = list(QUEUES) + sorted(q for q in self.queues if q not in QUEUES)
         depths = {}
@@ -247,7 +246,7 @@ class Simulation:
         The prefetch is the pool's slots plus the held messages, and both running and held
         messages are unacknowledged: a message is taken while fewer than *slots* run."""
         ahead = self.policy.lookahead  # the worker's prefetch keeps that many beyond its slots
-        while (worker.running < worker.slots or len(worker.line) < ahead) and self._takes_more(worker):
+        while (len(worker.runs) < worker.slots or len(worker.line) < ahead) and self._takes_more(worker):
             for position, queue in enumerate(worker.queues):
                 if self.queues[queue]:
                     worker.queues.append(worker.queues.pop(position))  # kombu's round robin
@@ -288,8 +287,8 @@ class Simulation:
         """The held-line policy, as the controller runs it on an arrival and on each release."""
         start_from_line(worker.line, lambda j: self._decide(worker, j), self.now, self.policy,
                         since=self.arrived.__getitem__, size=lambda j: self.sizes[self.jobs[j][0]],
-                        priority=lambda j: self.priorities[self.jobs[j][0]], slots=worker.slots - worker.running,
-                        forecast=self._forecast(worker))
+                        priority=lambda j: self.priorities[self.jobs[j][0]], slots=worker.slots - len(worker.runs),
+                        forecast=lambda: self._forecast(worker))
         if not worker.line:
             self.out.held_s += self.now - worker.held_since
             worker.held_since = -1.0
@@ -333,7 +332,6 @@ class Simulation:
         duration = self.jobs[job][1]
         if (headed := self.head_since.pop(job, None)) is not None:
             self.out.longest_head_wait_s = max(self.out.longest_head_wait_s, self.now - headed)
-        worker.running += 1
         worker.runs[job] = (self.now, self.jobs[job][0], amount)
         worker.memory.used[worker.gpu.index] += amount
         self.out.admitted += 1
@@ -351,7 +349,6 @@ class Simulation:
         self.in_flight[queue] -= 1
         self.runtime_sum[queue] += self.jobs[job][1]
         self.runtime_count[queue] += 1
-        worker.running -= 1
         worker.learned.observe(*self.jobs[job])
         del worker.runs[job]
         worker.memory.used[worker.gpu.index] -= amount

@@ -86,7 +86,7 @@ def predicted_play(line: collections.deque, free: int, running: list, now: float
     gpu = Gpu(free)
     forecast = Forecast(free, running, lambda j: DURATIONS[j[0]], slots=4)
     started = start_from_line(line, gpu.admit, now, LinePolicy(**policy), since=lambda j: 0.0,
-                              size=lambda j: j[1], priority=lambda j: j[2], forecast=forecast)
+                              size=lambda j: j[1], priority=lambda j: j[2], forecast=lambda: forecast)
     return [j[0] for j in started]
 
 

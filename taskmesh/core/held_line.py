@@ -101,10 +101,11 @@ def start_in_order(line: collections.deque[T], admit: Callable[[T], bool], slots
 def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now: float, policy: LinePolicy,
                     since: Callable[[T], float], size: Callable[[T], float],
                     priority: Callable[[T], int], slots: float = math.inf,
-                    forecast: Forecast[T] | None = None) -> list[T]:
+                    forecast: Callable[[], Forecast[T] | None] | None = None) -> list[T]:
     """Remove from *line* and return what *admit* started: the head first, in order, then —
     while the head waits — what fits behind it and does not delay the head past its bound
-    (its *forecast*'s predicted start, or its age limit).
+    (its predicted start, or its age limit). *forecast* is called, once, only when something
+    waits behind the head, after the in-order starts: what it returns must count them.
 
     *since* gives a message's arrival (the same clock as *now*), *size* what it claims
     (for the fit rules), *priority* its Celery priority (lower first); at most *slots*
@@ -117,10 +118,9 @@ def start_from_line(line: collections.deque[T], admit: Callable[[T], bool], now:
     started = [] if ahead else start_in_order(line, admit, slots)
     if not line or len(started) >= slots:
         return started
-    plan = Plan(forecast, size(line[0]), now) if forecast is not None and policy.predict_head_start and not ahead \
+    known = forecast() if forecast is not None and policy.predict_head_start and not ahead and len(line) > 1 \
         else None
-    for item in started if plan is not None else ():
-        plan.started(item, size(item))
+    plan = Plan(known, size(line[0]), now) if known is not None else None
     if not policy.backfills(now - since(line[0]), predicted=plan is not None and plan.known):
         return started
     window = list(itertools.islice(line, 0 if ahead else 1, 1 + policy.backfill_window))

@@ -168,14 +168,14 @@ class AdmissionController:
         if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
             self.requeue_held("this worker's GPUs are unhealthy")
         if backfill and not self.blocked():  # behind a waiting head, it may start in a gap now
-            start_held(self.held, self._try, self.policy, self._free_slots(), self._forecast())
+            start_held(self.held, self._try, self.policy, self._free_slots(), self._forecast)
         self._update_intake()
 
     def _free_slots(self) -> int:
         return self.consumer.pool.num_processes - len(self.reservations)
 
     def _forecast(self) -> Forecast[Held] | None:
-        """For the head's predicted start (``core.forecast``): only once a head waits."""
+        """For the head's predicted start (``core.forecast``), when the policy asks: a GPU reading."""
         if not self.held or not self.policy.predict_head_start:
             return None
         with self.lock:
@@ -212,7 +212,7 @@ class AdmissionController:
 
     def retry_held(self) -> None:
         if not self.blocked():
-            start_held(self.held, self._try, self.policy, self._free_slots(), self._forecast())
+            start_held(self.held, self._try, self.policy, self._free_slots(), self._forecast)
         if not self.held:
             self.reasons.pop("waiting", None)
         self._update_intake()

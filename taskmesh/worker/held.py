@@ -87,7 +87,7 @@ def forecast_of(gate: Gate, running: Mapping[str, Running], run_times: RunTimes,
 
 
 def start_held(line: collections.deque[Held], admit: Callable[[Held], bool], policy: LinePolicy,
-               slots: int, forecast: Forecast[Held] | None) -> list[Held]:
+               slots: int, forecast: Callable[[], Forecast[Held] | None]) -> list[Held]:
     """The held-line policy on a worker's line (``core.held_line``), with monotonic time; at most
     *slots* start (the pool's free slots)."""
     return start_from_line(line, admit, time.monotonic(), policy, since=lambda h: h.since, size=size_of,
