@@ -99,6 +99,19 @@ def wait_written_to_the_aof(client: redis.Redis) -> None:
         time.sleep(0.1)
 
 
+def until_remote_control_answers(app, node: str, timeout: float = 60) -> None:
+    """Wait until *node* answers a ping after a broker restart.
+
+    A Celery worker reconnects its remote-control mailbox after its task consumer, on a
+    connection of its own (on gevent, a greenlet that starts after Mingle), and a broadcast
+    over Redis reaches only the mailboxes subscribed when it is sent: a command sent as soon
+    as a task has run again can reach nobody. A CI run saw that once.
+    """
+    deadline = time.monotonic() + timeout
+    while not app.control.ping(destination=[node], timeout=1):
+        assert time.monotonic() < deadline, f"{node} ran tasks but never answered remote control again"
+
+
 @pytest.mark.slow
 def test_up_keeps_queued_tasks_and_results_across_a_redis_sigkill(processes, tmp_path):
     marker, port = uuid.uuid4().hex, free_port()
@@ -132,6 +145,7 @@ def test_up_keeps_queued_tasks_and_results_across_a_redis_sigkill(processes, tmp
         assert app.AsyncResult(done.id).get(timeout=30)["label"] == "before"
         assert on_io.delay(label="after").get(timeout=120)["label"] == "after"  # worker and producer reconnected
         io_node = next(line.split()[1] for line in lines if line.startswith("worker: io@"))
+        until_remote_control_answers(app, io_node)
         assert app.control.add_consumer("later", destination=[io_node], reply=True, timeout=10)
         assert sorted(r.get(timeout=120)["label"] for r in later) == [0, 1, 2, 3, 4]
         proc.send_signal(signal.SIGTERM)
