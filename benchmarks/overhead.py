@@ -4,8 +4,13 @@ pool, runs interleaved A B A B so drift on a shared machine hits both sides alik
 
 Producer and worker are measured apart: first N no-op messages are sent (the enqueue
 rate), then the idle worker is told to consume the queue (``add_consumer``, Celery's
-remote control) and timed until the queue and Redis's unacked hash are empty (the
-drain rate). The worker's own CPU time per task is read from its processes.
+remote control) and timed from the first message it takes until the queue and Redis's
+unacked hash are empty (the drain rate). How long that first take came after the command
+is reported apart (``consume_after_ms``): a gevent or eventlet worker applies
+``add_consumer`` at its loop's next turn (``call_soon``), which an idle one reaches only
+when ``drain_events(timeout=2.0)`` in Celery's ``synloop`` times out, so up to 2 s of a
+round of a few seconds was remote-control latency counted as drain time. The worker's own
+CPU time per task is read from its processes.
 
 Plain Celery runs with taskmesh's settings copied over (``matched``: prefetch 1, late
 ack, task events ...) so the ratio is taskmesh's code, and once more with Celery's
@@ -93,12 +98,13 @@ class System:
         return total
 
 
-def backlog(client: redis.Redis, queue: str) -> int:
-    """Messages waiting in *queue* (every priority sub-list) plus every unacked message."""
+def backlog(client: redis.Redis, queue: str, unacked: bool = True) -> int:
+    """Messages waiting in *queue* (every priority sub-list), plus every unacked message."""
     pipe = client.pipeline(transaction=False)
     for key in [queue] + [f"{queue}\x06\x16{p}" for p in range(1, 10)]:
         pipe.llen(key)
-    pipe.hlen("unacked")
+    if unacked:
+        pipe.hlen("unacked")
     return sum(pipe.execute())
 
 
@@ -112,10 +118,15 @@ def one_round(system: System, profile: str, count: int, client: redis.Redis) -> 
         task.apply_async(**options)
     enqueue_s = time.perf_counter() - started
     cpu_before = system.cpu_seconds(profile)
-    started = time.perf_counter()
+    asked = time.perf_counter()
     node = system.node_for(profile)
     system.app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
     deadline = time.monotonic() + 60 + count / 50
+    while backlog(client, queue, unacked=False) == count:  # the drain starts with the first message taken
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{system.name} never started consuming {queue}")
+        time.sleep(0.001)
+    started = time.perf_counter()
     while backlog(client, queue):
         if time.monotonic() > deadline:
             raise RuntimeError(f"{system.name} did not drain {queue} in time")
@@ -124,7 +135,7 @@ def one_round(system: System, profile: str, count: int, client: redis.Redis) -> 
     cpu_used = system.cpu_seconds(profile) - cpu_before
     system.app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
     return {"enqueue_per_s": count / enqueue_s, "drain_per_s": count / drain_s,
-            "worker_cpu_us_per_task": cpu_used / count * 1e6}
+            "worker_cpu_us_per_task": cpu_used / count * 1e6, "consume_after_s": started - asked}
 
 
 def run(params: dict[str, Any], ctx: Context) -> Result:
@@ -150,6 +161,7 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
                 "drain_per_s": round(statistics.median(r["drain_per_s"] for r in runs)),
                 "enqueue_per_s": round(statistics.median(r["enqueue_per_s"] for r in runs)),
                 "worker_cpu_us": round(statistics.median(r["worker_cpu_us_per_task"] for r in runs)),
+                "consume_after_ms": round(statistics.median(r["consume_after_s"] for r in runs) * 1000),
                 "taskmesh_ratio": statistics.median(pair_ratios) if name != "taskmesh" else None,
                 "ratio_min_max": [min(pair_ratios), max(pair_ratios)] if name != "taskmesh" else None,
             })

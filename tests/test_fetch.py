@@ -13,7 +13,8 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from taskmesh.state.fetch_wake import wake, wake_key
 from taskmesh.state.keys import UNACKED
-from taskmesh.worker.fetch import Channel, Transport
+from taskmesh.state.registry import Registry
+from taskmesh.worker.fetch import Channel, Transport, hold_fetched_in
 
 QUEUE = Queue("fetched", Exchange("fetched", type="direct"), routing_key="fetched")
 
@@ -145,3 +146,31 @@ def test_every_send_of_a_taskmesh_app_pushes_one_wake_token_for_its_queue(broker
         gpu_app.app.send_task("tests.apps.elsewhere.some_task", queue="cpu_light")
     assert broker.lrange(wake_key("cpu_light"), 0, -1) == [b"1"]  # trimmed to one: a busy queue grows nothing
     assert 0 < broker.ttl(wake_key("cpu_light")) <= 60
+
+
+def test_a_fetch_adds_what_it_records_to_its_workers_held_set_in_the_same_step(broker_url, broker, consumer_conn):
+    held_set, told = Registry(broker).held_set("w@host#1"), []
+    publish(broker_url, {"n": 1})
+    tag = json.loads(broker.lindex("fetched", 0))["properties"]["delivery_tag"]
+    hold_fetched_in(held_set, told.append)
+    try:
+        Consumer(consumer_conn, [QUEUE], callbacks=[lambda body, message: message.ack()]).consume()
+        fetch_sent(consumer_conn, broker)
+        assert broker.smembers(held_set) == {tag.encode()} and broker.hexists(UNACKED, tag) and told == []
+        consumer_conn.drain_events(timeout=5)
+        assert told == [tag]
+    finally:
+        hold_fetched_in(None)
+
+
+def test_a_fetched_tag_needs_no_second_write_and_one_that_never_arrives_is_gone_a_beat_later(broker):
+    registry = Registry(broker)
+    registry.fetched("arrives")
+    registry.fetched("refused")  # fetched, never offered to the controller
+    registry.holding("w@host#1", "arrives")
+    assert not broker.exists(registry.held_set("w@host#1"))  # the fetch's script wrote it, not holding
+    registry.holding("w@host#1", "unfetched")  # e.g. over a broker whose fetch adds nothing
+    assert broker.smembers(registry.held_set("w@host#1")) == {b"unfetched"}
+    assert registry.take_added() == {"arrives", "unfetched"}
+    assert registry.take_added() == {"refused"}  # a whole beat without arriving: not held, gone next
+    assert registry.take_added() == set()

@@ -7,17 +7,22 @@ chaos suite's last loss, nearly always on the busy gevent worker). Here the wind
 open for certain: the worker is SIGSTOPped while its connection waits in Redis, the task is
 sent (Redis answers the stopped worker), and the worker is SIGKILLed once Redis has nothing
 left to answer it. The message must still be in Redis, and another worker must run it.
+
+A worker that reads the reply of its fetch and is killed before it announces what it holds
+is the same loss one step later, for dead-worker recovery: the fetch that records the
+message also adds it to the worker's in-flight set, inside the script.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import psutil
 import pytest
 
-from taskmesh.state.keys import UNACKED
+from taskmesh.state.keys import INFLIGHT, UNACKED
 from tests.apps import chaos_app
 from tests.chaos.rig import FAST_FENCING, Rig, count_runs
 from tests.conftest import queue_depth, wait_until
@@ -62,3 +67,28 @@ def test_a_message_redis_hands_a_worker_killed_before_reading_it_is_run_by_anoth
     assert result.get(timeout=90) == result.id
     wait_until(lambda: not rig.client.hlen(UNACKED), "nothing left unacknowledged")
     assert count_runs(rig, [result.id])["duplicates"] == 0
+
+
+def test_a_worker_is_recorded_as_holding_a_message_by_the_script_that_takes_it(rig):
+    rig.celery_worker("holder", "cpu_light", "-P", "gevent", "-c", "10")
+    first_writer: dict[str, str] = {}  # delivery tag → client type of the first SADD of it to the set
+
+    def watch() -> None:
+        with rig.client.monitor() as monitor:
+            ready.set()
+            for seen in monitor.listen():
+                if seen["command"] == "ECHO monitor-done":
+                    return
+                if seen["command"].startswith(f"SADD {INFLIGHT}holder@chaos#"):  # the announcement's come later
+                    for tag in seen["command"].split()[2:]:
+                        first_writer.setdefault(tag, seen["client_type"])
+
+    ready = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    ready.wait(10)
+    results = [chaos_app.io_job.delay(0.1) for _ in range(3)]
+    assert [r.get(timeout=60) for r in results] == [r.id for r in results]
+    rig.client.echo("monitor-done")
+    watcher.join(10)
+    assert len(first_writer) == 3 and set(first_writer.values()) == {"lua"}, first_writer  # not a round trip

@@ -53,6 +53,8 @@ class Registry:
         self.memory_s = memory_s
         self.dead_after_s = dead_after_s
         self._added: set[str] = set()  # tags ``holding`` added since ``take_added`` was last called
+        self._fetched: set[str] = set()  # tags the worker's fetch added to its set, not yet arrived
+        self._unarrived: set[str] = set()  # those of them already fetched at the last ``take_added``
         self._renew = client.register_script(lua("lease"))
         self._fence = client.register_script(lua("fence"))
 
@@ -95,11 +97,23 @@ class Registry:
         flat = [item.decode() for item in given_back]
         return Renewal(float(age) if age else None, dict(zip(flat[::2], flat[1::2], strict=True)))
 
+    def held_set(self, key: str) -> str:
+        """The Redis set of the delivery tags worker *key* holds (what its fetch may add to)."""
+        return INFLIGHT + key
+
+    def fetched(self, tag: str) -> None:
+        """The worker's fetch added *tag* to its set in the script that took the message
+        (``worker/fetch.py``): ``holding`` has nothing left to write for it."""
+        self._fetched.add(tag)
+
     def holding(self, key: str, tag: str) -> None:
         """Add one delivery tag to what worker *key* holds, as the message arrives: the next
         announcement can be a second away, and a worker killed meanwhile would leave the message
         to Redis's visibility timeout (an hour or more). Best effort: the announcement follows."""
         self._added.add(tag)
+        if tag in self._fetched:
+            self._fetched.discard(tag)
+            return
         try:
             self.client.sadd(INFLIGHT + key, tag)
         except redis.RedisError:
@@ -107,9 +121,14 @@ class Registry:
 
     def take_added(self) -> set[str]:
         """The tags ``holding`` added since the last call: taken before the heartbeat reads what
-        the worker holds, those it no longer holds are ``gone`` in the next announcement."""
+        the worker holds, those it no longer holds are ``gone`` in the next announcement. With
+        them, the tags a fetch added a call ago or more that never arrived (refused as they came,
+        or given back to their list): a message arrives as it is fetched, so those are not held."""
         added, self._added = self._added, set()
-        return added
+        never = self._unarrived & self._fetched
+        self._fetched -= never
+        self._unarrived = set(self._fetched)
+        return added | never
 
     def stopped(self, record: WorkerRecord) -> None:
         """A clean stop: Celery restores what the worker held, nothing to reclaim. Its in-flight

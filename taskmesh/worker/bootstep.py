@@ -34,7 +34,7 @@ from taskmesh.state.registry import Registry
 from taskmesh.worker import control, strategy
 from taskmesh.worker.controller import AdmissionController
 from taskmesh.worker.envelope import guard_unreadable
-from taskmesh.worker.fetch import use_for_redis
+from taskmesh.worker.fetch import hold_fetched_in, use_for_redis
 from taskmesh.worker.heartbeat import Heartbeat
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.once import OnceGuard
@@ -103,7 +103,9 @@ class AdmissionStep(bootsteps.StartStopStep):
         c.taskmesh_admission = None
         share_result_backend(c)
         one_line_unknown_tasks()
-        if broker_redis_url(c.app).startswith(("redis://", "rediss://")) and not c.app.conf.broker_transport:
+        self.fetching = (broker_redis_url(c.app).startswith(("redis://", "rediss://"))
+                         and not c.app.conf.broker_transport)
+        if self.fetching:
             use_for_redis()  # before the consumer connects: a fetch records what it takes (worker/fetch.py)
 
     def _create(self, c: Any) -> AdmissionController | None:
@@ -154,6 +156,10 @@ class AdmissionStep(bootsteps.StartStopStep):
             self.heartbeat.refreshers.append(self.once.refresh)
             self.controller.handed_on.append(self.once.handed_on)
             self.heartbeat.start()
+            if self.fetching and _fetches_where_state_is(c.app):
+                registry = self.controller.registry
+                hold_fetched_in(registry.held_set(f"{self.controller.node}#{self.controller.incarnation}"),
+                                registry.fetched)
             _say_mixed_without_gpu(self.controller)
         c.taskmesh_admission = self.controller
         guard_unreadable(c, lambda: self.controller.counters.update(("unreadable",)))
@@ -223,3 +229,11 @@ def _say_mixed_without_gpu(controller: AdmissionController) -> None:
     level = logging.INFO if os.environ.get("CUDA_VISIBLE_DEVICES") == "" else logging.WARNING
     log.log(level, "%s sees no GPU (%s): mixed tasks run on CPU; gpu tasks are sent to queue gpu",
             controller.node, controller.no_gpu)
+
+
+def _fetches_where_state_is(app: Any) -> bool:
+    """Whether the worker's fetch reads the Redis that holds taskmesh's state (the usual case:
+    no ``taskmesh_state_url`` and no separate read URL), so it can add what it takes to the
+    worker's in-flight set in the same script (``worker/fetch.py``)."""
+    read = app.conf.broker_read_url
+    return state_redis_url(app) == broker_redis_url(app) and (not read or read == broker_redis_url(app))

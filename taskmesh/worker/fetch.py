@@ -14,7 +14,12 @@ script writes kombu's own record (``[message, exchange, routing_key]`` in ``unac
 client's ``time()`` in ``unacked_index``), so a dead worker's message is always in Redis:
 still queued, or unacknowledged (where dead-worker recovery, the orphan sweep and kombu's
 ``restore_visible`` find it). ``QoS.append`` then keeps the message locally and does not write
-the record a second time; ack, reject and restore are kombu's, on the same keys.
+the record a second time; ack, reject and restore are kombu's, on the same keys. Where the
+worker's registry lives in the same Redis (``hold_fetched_in``), the script also adds the
+delivery tag to the worker's in-flight set, which the admission step would otherwise add in
+a round trip of its own as the message arrives (``Registry.holding``): with the pop, the
+record and the holder in one step, a worker killed at any moment leaves each message it took
+where dead-worker recovery finds it at once, and a message costs one round trip fewer again.
 
 A script cannot block. When every list is empty the channel waits in Redis itself, a
 ``BLPOP`` on its queues' wake lists (``state/fetch_wake.py``) and ``FETCH_IDLE``, for at
@@ -38,6 +43,7 @@ kombu's. Producers, RabbitMQ and Sentinel brokers keep kombu's own transport.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import monotonic, time
 from typing import Any
 
@@ -54,7 +60,9 @@ from taskmesh.state.keys import FETCH_IDLE
 
 Empty = kombu_redis.Empty
 FETCH, UNFETCH = lua("fetch"), lua("unfetch")
-__all__ = ["Channel", "Transport", "use_for_redis"]
+__all__ = ["Channel", "Transport", "hold_fetched_in", "use_for_redis"]
+#: the in-flight set of the worker in this process, and what to tell when a fetch added a tag to it
+_holder: tuple[str, Callable[[str], None]] | None = None
 
 
 class QoS(kombu_redis.QoS):
@@ -72,6 +80,7 @@ class Channel(kombu_redis.Channel):
     fetch_idle_s = 0.05
     from_transport_options = (*kombu_redis.Channel.from_transport_options, "fetch_idle_s")
     _fetching: list[str] | None = None  # the lists of the fetch in flight; None: the idle wait
+    _fetching_for: Callable[[str], None] | None = None  # told each tag that fetch added to its holder's set
     _idle = False  # the last fetch found nothing: wait before the next
     _shared_client: Any = None
 
@@ -116,8 +125,11 @@ class Channel(kombu_redis.Channel):
                      for pri in self.priority_steps for queue in queues]
             lists = [key for key, _ in pairs]
             keys = self._prefixed([self.unacked_key, self.unacked_index_key, *lists])
-            self._fetching = lists
-            connection.send_command("EVALSHA", self._fetch_sha, len(keys), *keys, repr(time()),
+            self._fetching, holder = lists, _holder
+            if holder is not None:
+                keys.append(holder[0])  # taskmesh's own key, never prefixed (state/keys.py)
+            self._fetching_for = holder and holder[1]
+            connection.send_command("EVALSHA", self._fetch_sha, len(keys), *keys, repr(time()), len(lists),
                                     *(record for _, record in pairs))
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
@@ -142,20 +154,22 @@ class Channel(kombu_redis.Channel):
                 self._idle = True
                 raise Empty()
             number, item, recorded = reply
-            self._hand_over(lists[int(number) - 1], item, bool(recorded))
+            self._hand_over(lists[int(number) - 1], item, bool(recorded), self._fetching_for)
             return True
         finally:
             self._in_poll = None
-            self._fetching = None
+            self._fetching = self._fetching_for = None
             self._flush_brpop_reauth()
 
-    def _hand_over(self, key: str, item: bytes, recorded: bool) -> None:
+    def _hand_over(self, key: str, item: bytes, recorded: bool, held: Callable[[str], None] | None) -> None:
         """Hand one fetched message to its consumer, as ``_brpop_read`` does; a record kombu's
         QoS never took (its consumer failed to read the message first) goes, as the pop did."""
         queue = key.rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(queue)
         payload = loads(bytes_to_str(item))
         tag = payload["properties"]["delivery_tag"] if recorded else None
+        if tag is not None and held is not None:
+            held(tag)  # before anything else: what the worker no longer holds leaves its set at the next beat
         if not self.qos.can_consume():
             self._give_back(key, item, tag)
             return
@@ -197,6 +211,13 @@ class Transport(kombu_redis.Transport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cycle = Poller()
+
+
+def hold_fetched_in(key: str | None, on_held: Callable[[str], None] | None = None) -> None:
+    """Have this process's fetches add each tag they record to the Redis set *key* (the
+    worker's in-flight set, in the broker's Redis) and call *on_held* with it; ``None``: no more."""
+    global _holder
+    _holder = (key, on_held or (lambda tag: None)) if key else None
 
 
 def use_for_redis() -> None:
