@@ -35,6 +35,11 @@ and record. A reply kombu would leave unread
 (``lua/unfetch.lua``), so a recorded message never sits unannounced in a live worker's
 socket, where the orphan sweep would deliver it a second time.
 
+The channel's short commands (ack, publish, event) share one client over a pool that makes
+a greenlet or thread wait for a free connection, where kombu's fails the command: a gevent
+worker's slots outnumber the pool's ``max_connections``, and an ack that failed so left its
+message to run again.
+
 Used by every worker of a taskmesh app with a ``redis://`` or ``rediss://`` broker
 (``use_for_redis``, called by the admission step): kombu's ``redis`` and ``rediss`` names
 resolve to this transport in that process, so the broker URL, TLS and every option stay
@@ -47,6 +52,7 @@ from collections.abc import Callable
 from time import monotonic, time
 from typing import Any
 
+import redis
 from kombu import transport as kombu_transports
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -60,6 +66,7 @@ from taskmesh.state.keys import FETCH_IDLE
 
 Empty = kombu_redis.Empty
 FETCH, UNFETCH = lua("fetch"), lua("unfetch")
+POOL_WAIT_S = 30  # a command waits this long for a free connection before it fails as kombu's would at once
 __all__ = ["Channel", "Transport", "hold_fetched_in", "use_for_redis"]
 #: the in-flight set of the worker in this process, and what to tell when a fetch added a tag to it
 _holder: tuple[str, Callable[[str], None]] | None = None
@@ -101,6 +108,18 @@ class Channel(kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._shared_client = super()._create_client()
         return client
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        """A pool that makes a greenlet or thread wait for a free connection. kombu's fails the
+        command when ``max_connections`` are in use: on a gevent or threads worker with more
+        slots than that, tasks that end together lost their acks ("Couldn't ack ... Too many
+        connections") and ran again after the visibility timeout. The fetch's own (async) pool
+        holds one connection and stays kombu's."""
+        if asynchronous:
+            return super()._get_pool(asynchronous=True)
+        params = self._connparams()
+        self.keyprefix_fanout = self.keyprefix_fanout.format(db=params["db"])
+        return redis.BlockingConnectionPool(timeout=POOL_WAIT_S, **params)
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         (self._unrecorded.add if no_ack else self._unrecorded.discard)(queue)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -10,11 +11,11 @@ from taskmesh import create_app
 from taskmesh.app.placement import current_placement
 
 app = create_app("tests.apps.e2e_app")
+if os.environ.get("TASKMESH_TEST_MAX_CONNECTIONS"):  # a Redis that allows few clients per worker
+    app.conf.broker_transport_options["max_connections"] = int(os.environ["TASKMESH_TEST_MAX_CONNECTIONS"])
 
 
 def _where(label: Any = None) -> dict[str, Any]:
-    import os
-
     return {
         **dataclasses.asdict(current_placement()),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
