@@ -7,12 +7,15 @@ import os
 import time
 from typing import Any
 
+import redis
+
 from taskmesh import create_app
 from taskmesh.app.placement import current_placement
 
 app = create_app("tests.apps.e2e_app")
 if os.environ.get("TASKMESH_TEST_MAX_CONNECTIONS"):  # a Redis that allows few clients per worker
     app.conf.broker_transport_options["max_connections"] = int(os.environ["TASKMESH_TEST_MAX_CONNECTIONS"])
+RUNS = "tests:e2e:runs"  # each run of ``counted``, by label
 
 
 def _where(label: Any = None) -> dict[str, Any]:
@@ -40,6 +43,12 @@ def on_cpu(seconds: float = 0.0, label: Any = None) -> dict[str, Any]:
 def on_io(seconds: float = 0.0, label: Any = None) -> dict[str, Any]:
     time.sleep(seconds)
     return _where(label)
+
+
+@app.task(profile="io", time_limit=300)
+def counted(seconds: float = 0.0, label: Any = None) -> None:
+    time.sleep(seconds)
+    redis.Redis.from_url(app.conf.broker_url).rpush(RUNS, str(label))
 
 
 @app.task(profile="mixed", fallback="cpu", time_limit=300)
