@@ -202,7 +202,7 @@ class AdmissionStep(bootsteps.StartStopStep):
             self.timer_entry.cancel()
             self.timer_entry = None
         if self.controller is not None:
-            self.controller.let_go()
+            self.controller.hand_back.let_go()
 
     def shutdown(self, c: Any) -> None:
         self.stop(c)

@@ -31,15 +31,14 @@ from taskmesh.core.gate import Decision, Gate, Reroute, Wait
 from taskmesh.core.headers import GPUS_HEADER, REQUIREMENT_HEADER
 from taskmesh.hardware.inventory import gpu_problem
 from taskmesh.hardware.pressure import host_pressure
-from taskmesh.state.client import broker_is_redis
 from taskmesh.state.registry import Registry
 from taskmesh.worker.exclusive import ExclusiveFollower
 from taskmesh.worker.gpu_queues import refuse_gpu_queues, reroute, subscribe_need_queues
+from taskmesh.worker.hand_back import HandBack
 from taskmesh.worker.held import Held, Running, expired, forecast_of, start_held, takes_more
 from taskmesh.worker.intake import Intake
 from taskmesh.worker.lease import Lease
 from taskmesh.worker.model_queues import ModelQueues
-from taskmesh.worker.recovery import put_back_line
 from taskmesh.worker.refusal import refuse, requirement_of
 from taskmesh.worker.strategy import is_revoked, live_request_ids
 from taskmesh.worker.warm import WarmModels
@@ -79,6 +78,7 @@ class AdmissionController:
         self.model_queues = ModelQueues(self)  # affinity: the model queues this worker consumes
         # told the id of each message this worker gave up unrun (sent on, handed back): the run-once guard
         self.handed_on: list[Callable[[str], None]] = []
+        self.hand_back = HandBack(self)  # the held line back to its queues, unrun
 
     # --- messages -------------------------------------------------------------------
 
@@ -99,7 +99,7 @@ class AdmissionController:
         self.arrived(message)
         held = Held(message, proceed, requirement, time.monotonic() if since is None else since, give_back)
         if self.exclusive.holds_back(message, requirement):  # fetched as the batch began: back to its queue
-            self._give_back([held], "an exclusive batch has every GPU")
+            self.hand_back.messages([held], "an exclusive batch has every GPU")
             return
         # a GPU task that arrives while every slot runs (prefetch grows by held and scheduled messages and
         # shrinks only eventually) waits for one: admitted now, it would be reserved for what the pool cannot
@@ -166,7 +166,7 @@ class AdmissionController:
         self.held.append(held)
         self.counters["held"] += 1
         if "unhealthy" in self.reasons:  # a message that arrives as the GPU fails goes to a healthy one
-            self.requeue_held("this worker's GPUs are unhealthy")
+            self.hand_back.line("this worker's GPUs are unhealthy")
         if backfill and not self.blocked():  # behind a waiting head, it may start in a gap now
             start_held(self.held, self._try, self.policy, self._free_slots(), self._forecast)
         self._update_intake()
@@ -217,61 +217,10 @@ class AdmissionController:
             self.reasons.pop("waiting", None)
         self._update_intake()
 
-    def _requeue_before_redelivery(self) -> None:
-        """Hand back held messages at half the visibility timeout.
-
-        Redis delivers an unacknowledged message again once the timeout passes,
-        counting from delivery; a message held that long would then run twice.
-        Requeued, it waits in the queue instead, at the front: the head keeps its turn.
-        """
-        if not broker_is_redis(self.consumer.app):  # RabbitMQ has no visibility timeout
-            return
-        options = self.consumer.app.conf.broker_transport_options or {}
-        limit = float(options.get("visibility_timeout", 3600)) / 2
-        if self.held and time.monotonic() - self.held[0].since > limit:
-            self.requeue_held(f"held longer than half the visibility timeout ({limit:.0f}s)")
-
-    def requeue_held(self, why: str) -> None:
-        """Hand the whole held line back to the front of its queues, in order."""
-        self._give_back(self.held, why)
-
-    def _give_back(self, line: Any, why: str) -> None:
-        if line:  # in one step, or a fetch meanwhile (intake is open while backfilling) would reorder it
-            put_back_line([held.message for held in line])  # Redis unreachable: all stay held, for ``let_go``
-        while line:
-            held = line[-1]
-            held.give_back(restore=False)
-            line.pop()
-            with self.lock:
-                self.tags.pop(held.message.headers.get("id"), None)
-            self.gave_up(held.message.headers.get("id"))
-            self.counters["requeued"] += 1
-            log.warning("requeued task %s: %s", held.message.headers.get("id"), why)
-
     def gave_up(self, task_id: str) -> None:
         """*task_id*'s message left this worker unrun: whoever takes it next may run it."""
         for hook in self.handed_on:
             hook(task_id)
-
-    def let_go(self) -> None:
-        """The consumer stops (lost connection, shutdown): kombu puts its channel's unacked messages back.
-
-        As Celery's ``Consumer.on_close`` drops its reserved requests, held and deferred
-        messages are let go unacknowledged, so the copy kombu put back is the only one;
-        intake, paused for the held line, resumes when the consumer starts again. Their
-        tags are kept for the bootstep to put back what kombu could not (Redis was down).
-        """
-        with self.lock:
-            count = len(self.held) + len(self.deferred)
-            self.let_go_tags += [str(held.message.delivery_tag) for held in self.held] + list(self.deferred)
-            self.held.clear()
-            self.deferred.clear()
-            self.tags = {tid: tag for tid, tag in self.tags.items() if tid in self.reservations}
-        self.reasons.pop("waiting", None)
-        self.changed.set()
-        if count:
-            log.warning("consumer stopped: let go of %d held or scheduled message(s); kombu delivers them again",
-                        count)
 
     # --- intake ---------------------------------------------------------------------
 
@@ -296,7 +245,7 @@ class AdmissionController:
         """Every half second on the event loop: health, pressure, the held line, leftovers."""
         self.check()
         self.exclusive.tick()
-        self._requeue_before_redelivery()
+        self.hand_back.before_redelivery()
         self.retry_held()
         self._reconcile()
 
@@ -309,7 +258,7 @@ class AdmissionController:
             if unhealthy and len(unhealthy) == len(self.gate.known):
                 if "unhealthy" not in self.reasons:
                     self.reasons["unhealthy"] = ", ".join(f"GPU {g.index} ({g.uuid})" for g in unhealthy)
-                    self.requeue_held("this worker's GPUs are unhealthy")
+                    self.hand_back.line("this worker's GPUs are unhealthy")
             else:
                 self.reasons.pop("unhealthy", None)
             subscribe_need_queues(self)

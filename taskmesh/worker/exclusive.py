@@ -98,7 +98,7 @@ class ExclusiveFollower:
         c = self.c
         self.active = batch
         c.reasons[REASON] = f"exclusive batch {batch}: other GPU work waits in its queues"
-        c.requeue_held(f"exclusive batch {batch} began")
+        c.hand_back.line(f"exclusive batch {batch} began")
         c.intake.only(EXCLUSIVE_QUEUE)
         warm = sorted({name for entry in c.warm.read().values() for name in entry["models"]})
         self.store.note_warm(batch, c.node, warm)

@@ -183,7 +183,7 @@ def guard_restore(channel: Any) -> None:
     connection and raises ``AttributeError`` — which Celery treats as unrecoverable, so
     the worker exits. Nothing can be restored without Redis anyway: the restore is
     skipped with a warning, and the held messages are put back when the consumer
-    reconnects (``put_back`` of the tags ``let_go`` kept).
+    reconnects (``put_back`` of the tags ``HandBack.let_go`` kept).
     """
     qos = getattr(channel, "qos", None)
     restore = getattr(qos, "restore_unacked", None)
