@@ -130,8 +130,11 @@ def test_a_running_10gib_task_shows_as_reserved_on_a_dcgm_style_gpu_series(gpu_a
     (gpu,) = SimulatedProvider("1x24GiB").snapshot()
     labels = {"gpu": "0", "UUID": gpu.uuid, "modelName": gpu.name, "Hostname": HOST}
     result = gpu_app.ten_gib.delay(5)
-    s = scrape_until(url, lambda s: s.value("taskmesh_gpu_memory_reserved_mib", **labels) == 10 * GIB,
-                     "the 10 GiB reservation never showed")
+    # the reservation is the ledger's, written as the task is admitted; the running count is the
+    # worker's announced state, a beat later: wait for both
+    s = scrape_until(url, lambda s: s.value("taskmesh_gpu_memory_reserved_mib", **labels) == 10 * GIB
+                     and s.value("taskmesh_gpu_running_tasks", **labels) == 1,
+                     "the 10 GiB reservation and its running task never showed")
     assert not result.ready()  # seen while it runs
     assert s.value("DCGM_FI_DEV_FB_TOTAL", **labels) == 24 * GIB
     assert s.value("DCGM_FI_DEV_FB_FREE", **labels) == 24 * GIB  # a simulated task uses no real memory
