@@ -100,6 +100,11 @@ def with_gpu_alerts(config: Config, params: dict[str, Any]) -> Config:
     return dataclasses.replace(config, queues={**config.queues, "gpu": gpu})
 
 
+def _run_key(row: dict[str, Any]) -> str:
+    """A run's key in ``metrics.runs``: GPUs/tasks/ledger/slots."""
+    return f"{row['gpus']}/{row['tasks']}/{row['ledger']}/{row['slots']}"
+
+
 def _percentile(values: Any, q: float) -> float | None:
     return round(percentile(values, q), 1) if len(values) else None
 
@@ -114,7 +119,7 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
     with LocalRedis() as server:
         for gpus, tasks, ledger_kind, *slots in params["runs"]:
             row, _ = simulate(gpus, tasks, ledger_kind, params, server.url, *slots)
-            details[f"{gpus}/{tasks}/{ledger_kind}/{row['slots']}"] = row.pop("detail")
+            details[_run_key(row)] = row.pop("detail")
             result.rows.append(row)
     result.metrics["runs"] = details
     result.metrics["task_classes"] = {c.name: {"options": c.options, "weight": c.weight, "median_s": c.median_s}
@@ -127,7 +132,7 @@ def run(params: dict[str, Any], ctx: Context) -> Result:
     result.metrics["ledgers_agree"] = (all(all(p["redis"][k] == p["memory"][k] for k in keys) for p in compared)
                                        if compared else None)
     largest = max(result.rows, key=lambda r: (r["gpus"], r["tasks"], r["slots"] == params["slots_per_gpu"]))
-    detail = details[f"{largest['gpus']}/{largest['tasks']}/{largest['ledger']}/{largest['slots']}"]
+    detail = details[_run_key(largest)]
     head_limit = round(detail["max_head_wait_s"] + detail["longest_task_s"], 1)
     result.metrics.update(largest_vs_bound=largest["vs_bound"], largest_vs_fluid=largest["vs_fluid"],
                           largest_slot_util=largest["slot_util"], largest_decide_us=largest["decide_us"],

@@ -3,10 +3,10 @@
 ``synthetic.lower_bound`` (the issue's bound) takes memory and slots as two separate
 budgets and the larger of the two: it assumes every GPU's memory full whatever the sizes
 of the tasks on it, though four 2 GiB tasks fill an H100's four slots and leave 72 GiB
-idle. At every moment a GPU runs
-one *configuration* — a set of tasks that fits its memory and its slots (a whole-GPU task
-alone) — so over a schedule each GPU kind spends its GPUs' time across configurations,
-and every task class's run time must be covered by the configurations it is part of.
+idle. At every moment a GPU runs one *configuration* — a set of tasks that fits its
+memory and its slots (a whole-GPU task alone) — so over a schedule each GPU kind spends
+its GPUs' time across configurations, and every task class's run time must be covered by
+the configurations it is part of.
 The least time that covers them all is a small linear programme (the configuration LP of
 bin packing), solved here with SciPy's HiGHS. It is still a lower bound: tasks may be
 split across configurations at will (no fragmentation, no tail), and every task is
@@ -23,8 +23,7 @@ from collections.abc import Sequence
 
 from scipy.optimize import linprog
 
-from benchmarks.synthetic import Host, kind_gpu, parse_simulated_spec
-from taskmesh.core.need_queues import fits
+from benchmarks.synthetic import Host, eligible_kinds, kind_counts, kind_gpu, whole_gpu
 from taskmesh.core.requirements import Requirement
 
 
@@ -32,8 +31,9 @@ def configurations(kind: str, classes: Sequence[int], reqs: Sequence[Requirement
                    margin: int) -> list[collections.Counter[int]]:
     """Every set of tasks (by class, with repeats) one GPU of *kind* can run at once."""
     usable = kind_gpu(kind).memory_total_mib - margin
-    runnable = [c for c in classes if fits(kind_gpu(kind), reqs[c], margin)]
-    whole = [c for c in runnable if reqs[c].exclusive or reqs[c].vram_mib is None]
+    eligible = eligible_kinds([kind], reqs, margin)
+    runnable = [c for c in classes if eligible[c]]
+    whole = [c for c in runnable if whole_gpu(reqs[c])]
     shared = [c for c in runnable if c not in whole]
     found = [collections.Counter([c]) for c in whole]
     for count in range(1, slots + 1):
@@ -46,12 +46,13 @@ def configurations(kind: str, classes: Sequence[int], reqs: Sequence[Requirement
 def fluid_optimum(fleet: Sequence[Host], jobs: Sequence[tuple[int, float]], reqs: Sequence[Requirement],
                   slots: int, margin: int) -> float:
     """Seconds: no schedule of *jobs* on *fleet* ends sooner (nor before its longest task ends)."""
-    kinds = sorted({h.kind for h in fleet})
-    count = {k: sum(parse_simulated_spec(h.spec)[0].count for h in fleet if h.kind == k) for k in kinds}
+    count = kind_counts(fleet)
+    kinds = sorted(count)
+    eligible = eligible_kinds(kinds, reqs, margin)  # per class, once: not per job
     work: collections.Counter[int] = collections.Counter()
     longest = 0.0
     for cls, duration in jobs:
-        if any(fits(kind_gpu(k), reqs[cls], margin) for k in kinds):
+        if eligible[cls]:
             work[cls] += duration
             longest = max(longest, duration)
     classes = sorted(work)

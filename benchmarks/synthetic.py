@@ -78,14 +78,30 @@ def kind_gpu(kind: str) -> GpuInfo:
     return GpuInfo(0, kind, kind, spec.memory_mib, 0, spec.compute_capability)
 
 
+def kind_counts(fleet: Sequence[Host]) -> dict[str, int]:
+    """GPU kind → how many GPUs of it the fleet has."""
+    return {k: sum(parse_simulated_spec(h.spec)[0].count for h in fleet if h.kind == k)
+            for k in sorted({h.kind for h in fleet})}
+
+
+def eligible_kinds(kinds: Sequence[str], reqs: Sequence[Requirement], margin: int) -> list[frozenset[str]]:
+    """Per task class, the GPU kinds that can run it."""
+    return [frozenset(k for k in kinds if fits(kind_gpu(k), r, margin)) for r in reqs]
+
+
+def whole_gpu(requirement: Requirement) -> bool:
+    """Does the gate give this task a GPU alone (exclusive, or no ``vram`` declared)?"""
+    return requirement.exclusive or requirement.vram_mib is None
+
+
 def lower_bound(fleet: Sequence[Host], jobs: Sequence[tuple[int, float]], reqs: Sequence[Requirement],
                 slots: int, margin: int) -> dict[str, float]:
     """No schedule can finish sooner: for every set S of GPU kinds, the tasks that only S
     can run need S's memory x time and S's slots x time; and the longest task runs alone."""
-    kinds = sorted({h.kind for h in fleet})
-    count = {k: sum(parse_simulated_spec(h.spec)[0].count for h in fleet if h.kind == k) for k in kinds}
+    count = kind_counts(fleet)
+    kinds = sorted(count)
     usable = {k: kind_gpu(k).memory_total_mib - margin for k in kinds}
-    eligible = [frozenset(k for k in kinds if fits(kind_gpu(k), r, margin)) for r in reqs]
+    eligible = eligible_kinds(kinds, reqs, margin)
     area: dict[frozenset[str], float] = {}
     work: dict[frozenset[str], float] = {}
     longest = 0.0
@@ -93,7 +109,7 @@ def lower_bound(fleet: Sequence[Host], jobs: Sequence[tuple[int, float]], reqs: 
         where = eligible[cls]
         if not where:
             continue
-        whole = reqs[cls].exclusive or reqs[cls].vram_mib is None  # the gate gives these the GPU alone
+        whole = whole_gpu(reqs[cls])
         need = min(usable[k] for k in where) if whole else reqs[cls].vram_mib
         area[where] = area.get(where, 0.0) + need * duration
         work[where] = work.get(where, 0.0) + duration * (slots if whole else 1)
